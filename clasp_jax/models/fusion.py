@@ -1,0 +1,125 @@
+"""The CLASP fusion encoder: speech SSL features + spectrogram features -> one embedding.
+
+Layer widths, dropout rates, BatchNorm and LeakyReLU follow the authors' PyTorch module (see
+CLASP_REFERENCE.md, Pipeline 4); widths are configurable with the paper's as defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clasp_jax.models.layers import BatchNorm, Linear, leaky_relu
+
+FUSIONS = ("concat", "gated")
+MODES = ("joint", "speech", "spectrogram")
+
+
+class Branch(nn.Module):
+  """Linear BN ReLU Dropout Linear BN LeakyReLU Dropout Linear (one per input modality)."""
+
+  hidden: Sequence[int] = (768, 576)
+  out_dim: int = 768
+  dropout: Sequence[float] = (0.15, 0.1)
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
+    x = Linear(self.hidden[0], name="linear_0")(features)
+    x = BatchNorm(axis_name=self.axis_name, name="norm_0")(x, train=train)
+    x = nn.relu(x)
+    x = nn.Dropout(self.dropout[0], deterministic=not train)(x)
+    x = Linear(self.hidden[1], name="linear_1")(x)
+    x = BatchNorm(axis_name=self.axis_name, name="norm_1")(x, train=train)
+    x = leaky_relu(x)
+    x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
+    return Linear(self.out_dim, name="linear_2")(x)
+
+
+class ConcatFusion(nn.Module):
+  """cat(speech, spectrogram) -> Linear BN LeakyReLU Linear LeakyReLU Linear."""
+
+  hidden: Sequence[int] = (1024, 800)
+  out_dim: int = 768
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, speech: jax.Array, spectrogram: jax.Array, *, train: bool) -> jax.Array:
+    x = jnp.concatenate([speech, spectrogram], axis=-1)
+    x = Linear(self.hidden[0], name="linear_0")(x)
+    x = BatchNorm(axis_name=self.axis_name, name="norm_0")(x, train=train)
+    x = leaky_relu(x)
+    x = Linear(self.hidden[1], name="linear_1")(x)
+    x = leaky_relu(x)
+    return Linear(self.out_dim, name="linear_2")(x)
+
+
+class Gate(nn.Module):
+  """LSTM-like gating of one branch: x' = input_gate * candidate + forget_gate * x."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    input_gate = nn.sigmoid(Linear(width, name="input_gate")(x))
+    forget_gate = nn.sigmoid(Linear(width, name="forget_gate")(x))
+    candidate = jnp.tanh(Linear(width, name="candidate")(x))
+    return input_gate * candidate + forget_gate * x
+
+
+class GatedFusion(nn.Module):
+  """Gates each branch, then mixes them with per-feature softmax weights over both."""
+
+  @nn.compact
+  def __call__(self, speech: jax.Array, spectrogram: jax.Array, *, train: bool) -> jax.Array:
+    del train  # No BatchNorm or dropout in the gated mix.
+    speech = Gate(name="speech_gate")(speech)
+    spectrogram = Gate(name="spectrogram_gate")(spectrogram)
+    both = jnp.concatenate([speech, spectrogram], axis=-1)  # (n, 2d)
+    weights = nn.softmax(Linear(both.shape[-1], name="mix_weights")(both), axis=-1)
+    width = speech.shape[-1]
+    return weights[:, :width] * speech + weights[:, width:] * spectrogram
+
+
+class FusionEncoder(nn.Module):
+  """Maps (speech features, spectrogram features) to an un-normalised speech embedding.
+
+  `mode` selects the ablation: both branches fused ('joint'), or one branch alone.
+  """
+
+  fusion: str = "concat"
+  mode: str = "joint"
+  embed_dim: int = 768
+  branch_hidden: Sequence[int] = (768, 576)
+  branch_dropout: Sequence[float] = (0.15, 0.1)
+  fusion_hidden: Sequence[int] = (1024, 800)
+  axis_name: str | None = None
+
+  def setup(self):
+    if self.fusion not in FUSIONS:
+      raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    branch = dict(hidden=tuple(self.branch_hidden), out_dim=self.embed_dim,
+                  dropout=tuple(self.branch_dropout), axis_name=self.axis_name)
+    if self.mode in ("joint", "speech"):
+      self.speech_branch = Branch(**branch)
+    if self.mode in ("joint", "spectrogram"):
+      self.spectrogram_branch = Branch(**branch)
+    if self.mode == "joint":
+      if self.fusion == "concat":
+        self.mix = ConcatFusion(hidden=tuple(self.fusion_hidden), out_dim=self.embed_dim,
+                                axis_name=self.axis_name)
+      else:
+        self.mix = GatedFusion()
+
+  def __call__(self, speech: jax.Array | None, spectrogram: jax.Array | None, *,
+               train: bool) -> jax.Array:
+    if self.mode == "speech":
+      return self.speech_branch(speech, train=train)
+    if self.mode == "spectrogram":
+      return self.spectrogram_branch(spectrogram, train=train)
+    return self.mix(self.speech_branch(speech, train=train),
+                    self.spectrogram_branch(spectrogram, train=train), train=train)
