@@ -207,3 +207,14 @@ def test_silent_windows_never_become_nan(tmp_path):
     assert np.abs(audio).max() <= 1.0
     silent_rows += int(np.sum(np.abs(audio).max(axis=1) == 0))
   assert silent_rows > 0  # The scenario really happened.
+
+
+def test_a_split_without_any_usable_input_is_a_clear_error(tmp_path):
+  soundfile.write(tmp_path / "fine.wav", tone(0.5, 16000), 16000)
+  rows = [{"audio": "fine.wav", "text": "Usable.", "split": "train"},
+          {"audio": "gone.wav", "text": "Never extracted.", "split": "test"}]
+  write_manifest(tmp_path / "m.jsonl", rows)
+  options = tfds_builder.BuildOptions(name="broken", kind="manifest")
+  with pytest.raises(ValueError, match=r"split test: none of its 1 inputs is usable .*missing"):
+    tfds_builder.build_dataset(manifest.read_examples(tmp_path / "m.jsonl"),
+                               str(tmp_path / "o"), options)

@@ -35,7 +35,8 @@ MANIFEST_FIELDS = ("id", "audio", "text", "language", "category", "speaker", "sp
 def _rows(path: str) -> Iterable[tuple[int, dict[str, Any]]]:
   """(line number, row) pairs of a .jsonl/.json-lines or .csv/.tsv manifest."""
   extension = os.path.splitext(path)[1].lower()
-  with open(path, encoding="utf-8", newline="") as stream:
+  # utf-8-sig: spreadsheet exports start CSV files with a byte-order mark.
+  with open(path, encoding="utf-8-sig", newline="") as stream:
     if extension in (".csv", ".tsv"):
       reader = csv.DictReader(stream, delimiter="\t" if extension == ".tsv" else ",")
       for row in reader:

@@ -183,6 +183,12 @@ class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
           "speaker": example.speaker,
           "source": self._options.kind,
       }
+    if not lengths:
+      # TFDS cannot write an empty split, and one whose every input is bad means the
+      # layout is broken (say, a split's audio was never extracted): say so plainly.
+      skipped = {kind: n for kind, n in self._policy.skipped.items() if n}
+      raise ValueError(f"split {split}: none of its {len(examples)} inputs is usable "
+                       f"(skipped so far: {skipped}); see the log for the paths")
 
 
 def _drop_unusable_rows(examples: Iterable[SourceExample],
