@@ -4,6 +4,8 @@ import collections
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -333,3 +335,23 @@ def test_concatenated_splits_read_across_datasets(speech_brown_dataset, manifest
   assert joined[0]["id"] == brown[0]["id"]
   with pytest.raises(IndexError):
     joined[len(joined)]
+
+
+def test_build_cli_help_and_one_line_errors(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(*flags):
+    return subprocess.run([sys.executable, "-m", "clasp_jax.data.build", *flags],
+                          capture_output=True, text=True, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": repo}, timeout=120)
+
+  result = run("--help")
+  assert result.returncode == 0
+  assert "--kind" in result.stdout and "--strict" in result.stdout
+  result = run("--kind=bogus", f"--source={tmp_path}", f"--data_dir={tmp_path}")
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("error: flag --kind=bogus")
+  result = run("--kind=speech_brown", f"--source={tmp_path}", f"--data_dir={tmp_path}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: {tmp_path / speech_brown.METADATA_FILE} not found")

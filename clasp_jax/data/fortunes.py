@@ -45,7 +45,9 @@ _FUNCTION_WORDS = {
               "nella tutto".split()),
 }
 _ALLOWED_PUNCTUATION = set(" .,;:!?¿¡'\"-()«»“”‘’…–—")
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'»”’)]*\s+(?=[\"'«“‘(¿¡]*[^\W\d_])", re.UNICODE)
+# A sentence ends at . ! ? or … (and a closing quote) before a space and the next word.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'»”’)]))\s+"
+                           r"(?=[\"'«“‘(¿¡]*[^\W\d_])", re.UNICODE)
 _ATTRIBUTION = re.compile(r"^\s*(--|—|~~)")
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*", re.UNICODE)
 

@@ -96,8 +96,9 @@ class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "int16 16 kHz mono audio; text, language, category, speaker, "
-                            "source; bad-input counts and lengths in the metadata."}
+  RELEASE_NOTES = {DATASET_VERSION: "int16 16 kHz mono audio; text, language, category, "
+                                    "speaker, source; bad-input counts and lengths in the "
+                                    "metadata."}
 
   @tfds_utils.classproperty
   @classmethod
@@ -217,6 +218,7 @@ def build_dataset(examples: Sequence[SourceExample], data_dir: str, options: Bui
   Raises:
     bad_input.BadInputError: under `options.strict`, at the first unusable input.
     FileExistsError: the dataset exists and `overwrite` is False.
+    ValueError: a split has inputs but none of them is usable.
   """
   options = dataclasses.replace(options, name=dataset_name(options.name))
   target = os.path.join(data_dir, BUILDER_NAME, options.name, DATASET_VERSION)
