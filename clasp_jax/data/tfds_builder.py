@@ -86,6 +86,17 @@ def _ordered_parallel_map(function: Callable[[_In], _Out], items: Sequence[_In],
       yield pending.popleft().result()
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo that never looks for pre-computed info in TFDS's GCS bucket.
+
+  These datasets only ever come from local files; TFDS's lookup (run for every new
+  builder) would leave an empty temporary folder behind on each build.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
   """Speech-text pairs at 16 kHz mono with language, category, speaker and source labels.
 
@@ -127,7 +138,7 @@ class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
     return self._build_metadata
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description="Speech-text pairs for CLASP retrieval training and evaluation.",
         features=tfds.features.FeaturesDict({
