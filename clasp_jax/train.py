@@ -18,6 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
+from clasp_jax import cli_flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, optionally with an argument: configs/base.py:paper.",
     lock_config=True)
@@ -67,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_flags.parse_flags)

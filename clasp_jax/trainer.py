@@ -99,6 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- Input.
   train_split = features.load_split(config.data, "train")
   eval_splits = {"validation": features.load_split(config.data, "validation")}
+  if train_split.dims["text"] != config.model.embed_dim:
+    raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
+                      f"embedding width of the data ({train_split.dims['text']})")
   sampler = EpochSampler(train_split.num_examples, config.batch_size, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = sampler.steps_per_epoch

@@ -9,7 +9,7 @@ import pytest
 from clasp_jax.models.fusion import FusionEncoder
 
 torch = pytest.importorskip("torch")
-import torch_reference  # noqa: E402  (needs torch)
+from clasp_jax import torch_fusion as torch_reference  # noqa: E402  (needs torch)
 
 SPEECH_DIM, SPECTROGRAM_DIM, BATCH = 1024, 1000, 6
 FLAX_TO_TORCH_BRANCH = {"linear_0": 0, "norm_0": 1, "linear_1": 4, "norm_1": 5, "linear_2": 8}

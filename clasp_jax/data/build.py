@@ -22,7 +22,7 @@ from absl import flags
 from absl import logging
 
 from clasp_jax.data import bad_input
-from clasp_jax.data import cli
+from clasp_jax import cli_flags as cli
 from clasp_jax.data import common_voice
 from clasp_jax.data import readers
 from clasp_jax.data import tfds_builder

@@ -1,6 +1,7 @@
 """The authors' PyTorch fusion encoders, rebuilt from CLASP_REFERENCE.md (Pipeline 4).
 
-Parameter names follow theirs (`audio_seq.N`, `image_seq.N`, `mix_seq.N`; gated: `text_seq`,
+Used as the reference in parity tests and benchmarks (needs the `torch` extra). Parameter
+names follow theirs (`audio_seq.N`, `image_seq.N`, `mix_seq.N`; gated: `text_seq`,
 `input_gate_text.0`, ...), so tests can map weights one to one.
 """
 
