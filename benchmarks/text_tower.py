@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/text_tower.py                       # all-MiniLM-L6-v2, batch 64
   PYTHONPATH=. python benchmarks/text_tower.py --encoder=/models/LaBSE --num_sentences=2048
+  PYTHONPATH=. python benchmarks/text_tower.py --torch_device=cuda --precision=highest  # on a GPU
 
 Both encoders embed the same synthetic sentences (Brown-like lengths: 5 to 45 words) in one
 process, alternating rounds so that load from other processes hits both alike; each figure is
@@ -30,6 +31,10 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Sentences per batch for bo
 _NUM_SENTENCES = flags.DEFINE_integer("num_sentences", 1024, "Sentences embedded per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per encoder (after one warm-up).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic sentences.")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch reference; "
+                                    "JAX uses its default backend.")
+_PRECISION = flags.DEFINE_enum("precision", "highest", ["highest", "high", "default"],
+                               "Matmul precision of the Flax tower (matters on GPU/TPU only).")
 
 _WORDS = ("the of and to a in that is was he for it with as his on be at by had not are but "
           "from or have an they which one you were her all she there would their we him been "
@@ -66,8 +71,8 @@ def main(argv: list[str]) -> int:
   sentences = synthetic_sentences(_NUM_SENTENCES.value, _SEED.value)
   batch_size = _BATCH_SIZE.value
 
-  tower = text_tower.load(encoder)
-  reference = SentenceTransformer(encoder, device="cpu")
+  tower = text_tower.load(encoder, precision=_PRECISION.value)
+  reference = SentenceTransformer(encoder, device=_TORCH_DEVICE.value)
   reference.eval()
 
   def run_flax():
@@ -97,8 +102,9 @@ def main(argv: list[str]) -> int:
   torch_rate = len(sentences) / statistics.median(timings["torch"])
   print(f"encoder: {encoder}")
   print(f"{len(sentences)} sentences, batch {batch_size}, {_ROUNDS.value} rounds; "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+        f"jax {jax.__version__} on {jax.devices()[0].platform} (precision {_PRECISION.value}), "
+        f"torch {torch.__version__} on {_TORCH_DEVICE.value} with {torch.get_num_threads()} "
+        f"threads, {os.cpu_count()} CPUs")
   print(f"warm-up round (Flax includes compilation): flax {flax_warmup:.2f} s, "
         f"torch {torch_warmup:.2f} s")
   print(f"flax  {flax_rate:9.1f} sentences/s  (rounds: "
