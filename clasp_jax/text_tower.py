@@ -292,9 +292,9 @@ def embed_texts(texts: Sequence[str], encoder: str | os.PathLike | TextTower,
 
   Same vectors as `SentenceTransformer(folder).encode(texts)` (within float32 rounding).
   """
-  tower = encoder if isinstance(encoder, TextTower) else load(encoder)
   if isinstance(texts, str):
     raise TypeError("texts must be a sequence of strings, not one string")
+  tower = encoder if isinstance(encoder, TextTower) else load(encoder)
   return tower.embed(texts, batch_size=batch_size, **embed_kwargs)
 
 

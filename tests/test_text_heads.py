@@ -116,3 +116,35 @@ def test_top_layers_regex_does_not_confuse_layer_numbers():
   assert not re.search(pattern, "myencoder/layer_10/attention/query/bias")
   with pytest.raises(ValueError):
     bert.top_layers_regex(12, 13)
+
+
+def test_training_mode_applies_dropout_and_reaches_every_layer():
+  import jax
+  config = bert.BertConfig(vocab_size=20, hidden_size=16, num_layers=2, num_heads=2,
+                           intermediate_size=32, max_position_embeddings=16)
+  head = (sentence_head.PoolingSpec(("cls",)),
+          sentence_head.DenseSpec("dense_2", 16, 8, True, "Tanh"), sentence_head.NormalizeSpec())
+  model = sentence_head.SentenceEncoder(config, head)
+  input_ids = jnp.array([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
+  attention_mask = (input_ids != 0).astype(jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), input_ids, attention_mask)["params"]
+  rngs = {"dropout": jax.random.PRNGKey(1)}
+  frozen = model.apply({"params": params}, input_ids, attention_mask)
+  training = model.apply({"params": params}, input_ids, attention_mask, deterministic=False,
+                         rngs=rngs)
+  assert frozen.shape == training.shape == (2, 8)
+  assert not np.allclose(np.asarray(frozen), np.asarray(training))
+
+  def loss(params):
+    ztext = model.apply({"params": params}, input_ids, attention_mask, deterministic=False,
+                        rngs=rngs)
+    return (ztext[0] @ ztext[1]).sum()  # (d,) . (d,) -> ()
+
+  grads = jax.grad(loss)(params)
+  for path in (("transformer", "encoder", "layer_0", "attention", "query", "kernel"),
+               ("transformer", "encoder", "layer_1", "mlp", "output", "kernel"),
+               ("dense_2", "linear", "kernel")):
+    leaf = grads
+    for key in path:
+      leaf = leaf[key]
+    assert np.abs(np.asarray(leaf)).max() > 0, path

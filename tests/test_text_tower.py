@@ -7,6 +7,7 @@ XLM-R-shaped models that the tests build, with tokenizers trained here on a few 
 
 import json
 import os
+import re
 import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,13 +20,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 from clasp_jax import text_tower
 from clasp_jax.models import bert_weights
 
 try:
-  from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+  from sentence_transformers.sentence_transformer.modules import (Dense, Normalize, Pooling,
+                                                                  Transformer)
 except ImportError:  # sentence-transformers < 6
   from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
 
@@ -237,7 +240,6 @@ def test_top_layer_regex_selects_exactly_the_top_layers(labse_dir):
   paths = ["/".join(str(key.key) for key in path)
            for path, _ in jax.tree_util.tree_leaves_with_path({"text": tower.params})]
   pattern = text_tower.trainable_top_layers_regex(tower, 1)
-  import re
   selected = {path for path in paths if re.search(pattern, path)}
   assert selected == {path for path in paths
                       if path.startswith(("text/transformer/encoder/layer_1/", "text/dense_2/"))}

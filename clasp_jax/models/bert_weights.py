@@ -111,7 +111,10 @@ def _find_base_prefix(names: Iterable[str]) -> str:
                         f"{'/'.join(_BASE_MODEL_PREFIXES)} prefix): not a BERT-family model")
 
 
-def expected_tensors(config: BertConfig) -> list[tuple[str, tuple[str, ...], bool, tuple[int, ...]]]:
+TensorRule = tuple[str, tuple[str, ...], bool, tuple[int, ...]]
+
+
+def expected_tensors(config: BertConfig) -> list[TensorRule]:
   """The mapping table: (HF name, Flax path, transpose?, Flax shape) for every parameter."""
   hidden, inner = config.hidden_size, config.intermediate_size
   rules = []
@@ -151,6 +154,12 @@ def _legacy_name(name: str) -> str:
   # TF-converted checkpoints call LayerNorm parameters gamma/beta.
   return re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma",
                 re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name))
+
+
+def _listing(items: list[str], separator: str, limit: int = 10) -> str:
+  # A wrong architecture can miss hundreds of tensors; the first few tell what went wrong.
+  shown = separator.join(items[:limit])
+  return shown if len(items) <= limit else f"{shown}{separator}... ({len(items)} in all)"
 
 
 def has_pooler(tensors: Mapping[str, Any]) -> bool:
@@ -201,11 +210,11 @@ def bert_params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig, *
                   and not any(pattern.search(name) for pattern in ignore_patterns))
   problems = []
   if missing:
-    problems.append(f"missing tensors: {', '.join(missing)}")
+    problems.append(f"missing tensors: {_listing(missing, ', ')}")
   if mismatched:
-    problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    problems.append(f"shape mismatches: {_listing(mismatched, '; ')}")
   if unused:
-    problems.append(f"unused tensors: {', '.join(unused)}")
+    problems.append(f"unused tensors: {_listing(unused, ', ')}")
   if problems:
     raise CheckpointError(f"{source} does not match the {config.num_layers}-layer "
                           f"{'RoBERTa' if config.position_offset else 'BERT'} encoder: "
