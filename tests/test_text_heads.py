@@ -1,7 +1,9 @@
 """sentence-transformers heads in JAX against the PyTorch modules, and head config parsing."""
 
 import json
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,7 +110,6 @@ def test_unsupported_architectures_are_refused():
 
 
 def test_top_layers_regex_does_not_confuse_layer_numbers():
-  import re
   pattern = bert.top_layers_regex(12, 2)
   assert re.search(pattern, "text/transformer/encoder/layer_11/mlp/output/kernel")
   assert re.search(pattern, "encoder/layer_10/attention/query/bias")
@@ -119,7 +120,6 @@ def test_top_layers_regex_does_not_confuse_layer_numbers():
 
 
 def test_training_mode_applies_dropout_and_reaches_every_layer():
-  import jax
   config = bert.BertConfig(vocab_size=20, hidden_size=16, num_layers=2, num_heads=2,
                            intermediate_size=32, max_position_embeddings=16)
   head = (sentence_head.PoolingSpec(("cls",)),
