@@ -39,8 +39,9 @@ def test_pooling_matches_sentence_transformers(modes):
   np.testing.assert_allclose(np.asarray(pooled), expected.numpy(), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("activation", sorted(sentence_head.DENSE_ACTIVATIONS))
-@pytest.mark.parametrize("out_features,use_residual", [(4, False), (6, True), (4, True)])
+@pytest.mark.parametrize("activation,out_features,use_residual",
+                         [(name, 4, False) for name in sorted(sentence_head.DENSE_ACTIVATIONS)]
+                         + [("Tanh", 6, True), ("Tanh", 4, True)])
 def test_dense_matches_sentence_transformers(tmp_path, activation, out_features, use_residual):
   torch.manual_seed(0)
   activation_module = getattr(torch.nn, activation)()
