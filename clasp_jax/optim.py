@@ -45,8 +45,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params, *, total_steps: int,
-                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam/AdamW with optional global-norm clipping; frozen parameters get zero updates."""
+                   steps_per_epoch: int, frozen=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam/AdamW with optional global-norm clipping; frozen parameters get zero updates.
+
+  `frozen` (a pytree of bools like `params`) defaults to `config.frozen_params`' matches.
+  """
   opt = config.optimizer
   schedule = learning_rate_schedule(config, total_steps=total_steps,
                                     steps_per_epoch=steps_per_epoch)
@@ -61,7 +65,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params, *, total_steps: in
     raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
   chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
   trainable = optax.chain(*chain, base)
-  frozen = frozen_mask(params, config.frozen_params)
+  if frozen is None:
+    frozen = frozen_mask(params, config.frozen_params)
   labels = jax.tree.map(lambda is_frozen: "frozen" if is_frozen else "trainable", frozen)
   tx = optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule

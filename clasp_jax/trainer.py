@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clasp_jax import optim, steps
+from clasp_jax import optim, steps, text_tower
 from clasp_jax.checkpointing import Checkpointer, abstract_like
 from clasp_jax.data import feature_pipeline, features
 from clasp_jax.data.sampling import EpochSampler
@@ -29,7 +30,7 @@ from clasp_jax.early_stopping import EarlyStopping
 from clasp_jax.evaluators import get_evaluator_class
 from clasp_jax.losses import LOSSES
 from clasp_jax.metric_writer import MetricWriter
-from clasp_jax.models.clasp import example_batch, model_from_config
+from clasp_jax.models.clasp import model_from_config
 from clasp_jax.models.fusion import FUSIONS, MODES
 
 
@@ -69,6 +70,27 @@ def _write_text(path: str, text: str) -> None:
       f.write(text)
 
 
+def _tokenize_split(split: features.FeatureSplit, name: str, tower: text_tower.TextTower) -> None:
+  """Tokenises the split's sentences once, padded to the tower's maximum length."""
+  if split.sentences is None:
+    raise ConfigError(f"config.text.encoder needs the sentences of each split, but the {name} "
+                      f"split has none (sentences.json); synthetic_features has none either")
+  input_ids, attention_mask = tower.pad_batch(tower.tokenize(split.sentences),
+                                              length=tower.max_length)
+  split.add_tokens(input_ids, attention_mask)
+
+
+def _freeze_text_tower(frozen, tower: text_tower.TextTower, trainable_top_layers: int):
+  """Freezes every text-tower parameter but the top layers (and the Dense head) asked for."""
+  trainable = (re.compile(text_tower.trainable_top_layers_regex(tower, trainable_top_layers))
+               if trainable_top_layers > 0 else None)
+  frozen = dict(frozen)
+  frozen["text_encoder"] = jax.tree_util.tree_map_with_path(
+      lambda path, _: not (trainable and trainable.search(optim.parameter_path(path))),
+      tower.params)
+  return frozen
+
+
 def _embed_split(embed_fn, state, split: features.FeatureSplit, batch_size: int,
                  mesh: Mesh) -> dict[str, np.ndarray]:
   speech, text = [], []
@@ -96,12 +118,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("mesh: %d devices (%s) over %d processes", mesh.size, jax.devices()[0].platform,
                jax.process_count())
 
-  # ---------------------------------------------------------------- Input.
-  train_split = features.load_split(config.data, "train")
-  eval_splits = {"validation": features.load_split(config.data, "validation")}
-  if train_split.dims["text"] != config.model.embed_dim:
+  # ---------------------------------------------------------------- Text tower and input.
+  tower = None
+  if config.text.encoder:
+    tower = text_tower.load(config.text.encoder, max_length=config.text.max_length or None)
+    logging.info("text tower: %s (%d-d), top %d layers trainable", config.text.encoder,
+                 tower.embedding_dim, config.text.trainable_top_layers)
+
+  def load_split(name: str) -> features.FeatureSplit:
+    split = features.load_split(config.data, name)
+    if tower is not None:
+      _tokenize_split(split, name, tower)
+    return split
+
+  train_split = load_split("train")
+  eval_splits = {"validation": load_split("validation")}
+  text_dim = tower.embedding_dim if tower is not None else train_split.dims["text"]
+  if text_dim != config.model.embed_dim:
     raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
-                      f"embedding width of the data ({train_split.dims['text']})")
+                      f"embedding width ({text_dim})")
   sampler = EpochSampler(train_split.num_examples, config.batch_size, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_epoch = sampler.steps_per_epoch
@@ -116,13 +151,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                eval_splits["validation"].num_examples, total_steps)
 
   # ---------------------------------------------------------------- Model and optimizer.
-  model = model_from_config(config.model, config.loss, axis_name=steps.AXIS)
+  model = model_from_config(config.model, config.loss, axis_name=steps.AXIS,
+                            text_encoder=tower.model if tower is not None else None)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   variables = jax.jit(functools.partial(model.init, train=False))(
-      init_rng, example_batch(train_split.dims))
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+      init_rng, train_split.take(np.arange(2)))
+  params, batch_stats = dict(variables["params"]), variables.get("batch_stats", {})
+  frozen = optim.frozen_mask(params, config.frozen_params)
+  if tower is not None:
+    params["text_encoder"] = tower.params  # Pretrained weights replace the random init.
+    frozen = _freeze_text_tower(frozen, tower, config.text.trainable_top_layers)
   tx, schedule = optim.make_optimizer(config, params, total_steps=total_steps,
-                                      steps_per_epoch=steps_per_epoch)
+                                      steps_per_epoch=steps_per_epoch, frozen=frozen)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            batch_stats=batch_stats, opt_state=tx.init(params),
                            rng=jax.random.key_data(dropout_rng),
@@ -130,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = jax.device_put(state, replicated)
   _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
   _write_text(os.path.join(workdir, "parameters.txt"),
-              optim.parameter_overview(params, optim.frozen_mask(params, config.frozen_params)))
+              optim.parameter_overview(params, frozen))
 
   # ---------------------------------------------------------------- Checkpoint restore.
   checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
@@ -165,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name, eval_config in config.evals.items():
     split = eval_config.get("split", "validation")
     if split not in eval_splits:
-      eval_splits[split] = features.load_split(config.data, split)
+      eval_splits[split] = load_split(split)
     evaluators[name] = (get_evaluator_class(eval_config.type)(eval_config, mesh=mesh), split)
 
   def evaluate(state) -> dict[str, float]:

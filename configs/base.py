@@ -50,6 +50,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.branch_dropout = (0.15, 0.1)
   config.model.fusion_hidden = (1024, 800)
 
+  # Text tower: '' uses the precomputed text embeddings of the data (the paper: LaBSE, frozen).
+  # A sentence-transformers folder runs that encoder on the data's sentences instead, frozen
+  # but for its top `trainable_top_layers` layers (and Dense head), truncating at max_length.
+  config.text = ml_collections.ConfigDict()
+  config.text.encoder = ""
+  config.text.trainable_top_layers = 0
+  config.text.max_length = 64
+
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "softmax"  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP)
   config.loss.learn_scale = True

@@ -9,6 +9,7 @@ mapped so that a split larger than RAM still trains:
   category.npy     (N,)                  int32    index into info.json "categories"
   language.npy     (N,)                  int32    index into info.json "languages"
   info.json        {"num_examples", "categories": [...], "languages": [...], "source": ...}
+  sentences.json   optional: the N sentences, needed when the trainer runs a text tower
 
 `synthetic_features` generates such splits on the fly from a seed (offline default).
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 FEATURE_FIELDS = ("speech", "spectrogram", "text")
 LABEL_FIELDS = ("category", "language")
+TOKEN_FIELDS = ("input_ids", "attention_mask")
 SYNTHETIC_CATEGORIES = (
     "adventure", "belles_lettres", "editorial", "fiction", "government", "hobbies", "humor",
     "learned", "lore", "mystery", "news", "religion", "reviews", "romance", "science_fiction")
@@ -38,12 +40,15 @@ class FeatureSplit:
   categories: list[str]
   languages: list[str]
   source: str = ""
+  sentences: list[str] | None = None
 
   def __post_init__(self):
     missing = [f for f in FEATURE_FIELDS + LABEL_FIELDS if f not in self.arrays]
     if missing:
       raise ValueError(f"feature split lacks fields {missing}")
     counts = {name: len(array) for name, array in self.arrays.items()}
+    if self.sentences is not None:
+      counts["sentences"] = len(self.sentences)
     if len(set(counts.values())) != 1:
       raise ValueError(f"feature fields differ in length: {counts}")
 
@@ -55,9 +60,18 @@ class FeatureSplit:
   def dims(self) -> dict[str, int]:
     return {name: int(self.arrays[name].shape[1]) for name in FEATURE_FIELDS}
 
+  def add_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+    """Adds tokenised sentences, (N, length) int32 each, to every batch taken from now on."""
+    self.arrays["input_ids"] = np.asarray(input_ids, np.int32)
+    self.arrays["attention_mask"] = np.asarray(attention_mask, np.int32)
+
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """The feature fields of `indices`, as a batch."""
-    return {name: np.asarray(self.arrays[name][indices], np.float32) for name in FEATURE_FIELDS}
+    """The model inputs of `indices`, as a batch (features, and tokens when added)."""
+    batch = {name: np.asarray(self.arrays[name][indices], np.float32) for name in FEATURE_FIELDS}
+    for name in TOKEN_FIELDS:
+      if name in self.arrays:
+        batch[name] = self.arrays[name][indices]
+    return batch
 
   def label_names(self, field: str) -> np.ndarray:
     names = np.asarray(self.categories if field == "category" else self.languages, dtype=object)
@@ -66,7 +80,11 @@ class FeatureSplit:
 
 def write_feature_split(directory: str, split: FeatureSplit) -> None:
   os.makedirs(directory, exist_ok=True)
-  for name, array in split.arrays.items():
+  if split.sentences is not None:
+    with open(os.path.join(directory, "sentences.json"), "w") as f:
+      json.dump(list(split.sentences), f, ensure_ascii=False)
+  for name in FEATURE_FIELDS + LABEL_FIELDS:
+    array = split.arrays[name]
     dtype = np.float32 if name in FEATURE_FIELDS else np.int32
     np.save(os.path.join(directory, f"{name}.npy"), np.asarray(array, dtype))
   info = {"num_examples": split.num_examples, "categories": list(split.categories),
@@ -88,7 +106,13 @@ def read_feature_split(directory: str) -> FeatureSplit:
     if not os.path.exists(path):
       raise FileNotFoundError(f"feature split {directory} lacks {name}.npy")
     arrays[name] = np.load(path, mmap_mode="r")
-  split = FeatureSplit(arrays, info["categories"], info["languages"], info.get("source", ""))
+  sentences = None
+  sentences_path = os.path.join(directory, "sentences.json")
+  if os.path.exists(sentences_path):
+    with open(sentences_path) as f:
+      sentences = json.load(f)
+  split = FeatureSplit(arrays, info["categories"], info["languages"], info.get("source", ""),
+                       sentences)
   if split.num_examples != info["num_examples"]:
     raise ValueError(f"{directory}: info.json says {info['num_examples']} examples, "
                      f"arrays hold {split.num_examples}")

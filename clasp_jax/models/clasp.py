@@ -1,7 +1,9 @@
 """The two-tower CLASP model in feature mode.
 
 The speech tower is the trained fusion encoder over precomputed speech SSL and spectrogram
-features; the text tower is a frozen sentence encoder whose embeddings arrive precomputed.
+features. The text tower is a sentence encoder: by default frozen, with its embeddings
+precomputed in the batch ('text'); with `text_encoder` set, it runs on token ids
+('input_ids', 'attention_mask') so its top layers can be fine-tuned.
 Like big_vision's two-tower models, `__call__` returns `(zspeech, ztext, out)` with
 L2-normalised embeddings and slash-named diagnostics in `out`.
 """
@@ -42,6 +44,7 @@ class ClaspModel(nn.Module):
   use_bias: bool = False
   bias_init: float = 0.0
   axis_name: str | None = None
+  text_encoder: nn.Module | None = None  # A SentenceEncoder; its parameters: 'text_encoder/'.
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
@@ -51,7 +54,11 @@ class ClaspModel(nn.Module):
         fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, name="speech_encoder")
     speech_embedding = speech_encoder(batch.get("speech"), batch.get("spectrogram"), train=train)
     zspeech = l2_normalize(speech_embedding)
-    ztext = l2_normalize(batch["text"].astype(jnp.float32))
+    if self.text_encoder is None:
+      ztext = l2_normalize(batch["text"].astype(jnp.float32))
+    else:
+      ztext = l2_normalize(self.text_encoder(batch["input_ids"], batch["attention_mask"],
+                                             deterministic=not train).astype(jnp.float32))
 
     if self.learn_scale:
       log_scale = self.param("logit_scale", nn.initializers.constant(math.log(self.scale_init)), ())
@@ -72,7 +79,8 @@ class ClaspModel(nn.Module):
 
 
 def model_from_config(model_config: ml_collections.ConfigDict, loss_config: ml_collections.ConfigDict,
-                      *, axis_name: str | None = None) -> ClaspModel:
+                      *, axis_name: str | None = None,
+                      text_encoder: nn.Module | None = None) -> ClaspModel:
   """Builds the model the config describes; the loss decides whether scale and bias are learnt."""
   return ClaspModel(
       fusion=model_config.fusion,
@@ -87,9 +95,10 @@ def model_from_config(model_config: ml_collections.ConfigDict, loss_config: ml_c
       use_bias=loss_config.kind == "sigmoid",
       bias_init=loss_config.bias_init,
       axis_name=axis_name,
+      text_encoder=text_encoder,
   )
 
 
 def example_batch(data_dims: Mapping[str, int], batch_size: int = 2) -> dict[str, Any]:
-  """Zeros shaped like one batch, for initialisation and shape inference."""
+  """Zeros shaped like one feature batch, for initialisation and shape inference."""
   return {name: jnp.zeros((batch_size, dim), jnp.float32) for name, dim in data_dims.items()}
