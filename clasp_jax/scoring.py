@@ -115,17 +115,20 @@ def make_blocking(block_rows: int = 0, block_cols: int = 0, chunk_rows: int = 0,
   return Blocking(**sizes, align=default.align)
 
 
-def fit_tiles(count: int, block: int, chunk: int, align: int) -> tuple[int, int, int]:
+def fit_tiles(count: int, block: int, chunk: int, align: int,
+              tile: Optional[int] = None) -> tuple[int, int, int]:
   """(tile, chunk size, number of chunks) covering `count` items with little padding.
 
   The paper's 11,411 items in 1024-wide tiles would pad to 12,288 and waste 16% of the
   products; balancing the chunks, then the tiles within a chunk, keeps padding to a few rows.
+  A given `tile` is kept as is (to match the other side of the matrix).
   """
   chunks = max(1, math.ceil(count / chunk))
   per_chunk = math.ceil(count / chunks)
-  tiles = max(1, math.ceil(per_chunk / block))
-  tile = min(block, -(-math.ceil(per_chunk / tiles) // align) * align)
-  return tile, tile * tiles, chunks
+  if tile is None:
+    tiles = max(1, math.ceil(per_chunk / block))
+    tile = min(block, -(-math.ceil(per_chunk / tiles) // align) * align)
+  return tile, tile * max(1, math.ceil(per_chunk / tile)), chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +185,17 @@ def _dot_tile(rows: jax.Array, cols: jax.Array) -> jax.Array:
   return lax.optimization_barrier(scores)
 
 
-def _tile_walk(rows, cols, row_gold, col_gold, *, block_rows: int, block_cols: int,
-               count_rows: bool, count_cols: bool, count_ties: bool):
+def _tile_counts(scores: jax.Array, gold: jax.Array, axis: int, count_ties: bool) -> jax.Array:
+  """(k, n) candidates above (and tied with) `gold` along `axis`; gold broadcasts along it."""
+  above = jnp.sum(scores > gold, axis=axis, dtype=jnp.int32)
+  if not count_ties:
+    return above[None]
+  return jnp.stack([above, jnp.sum(scores == gold, axis=axis, dtype=jnp.int32)])
+
+
+def _tile_walk(rows, cols, row_gold, col_gold, first_row_block, first_col_block, *,
+               block_rows: int, block_cols: int, count_rows: bool, count_cols: bool,
+               count_ties: bool, skip_diagonal: bool):
   """Counts over every (row block, column block) tile of one device's rows and all columns.
 
   Args:
@@ -191,6 +203,9 @@ def _tile_walk(rows, cols, row_gold, col_gold, *, block_rows: int, block_cols: i
     cols: (C, d) text columns, C a multiple of block_cols.
     row_gold: (R,) gold score per row (+inf for rows that are not queries).
     col_gold: (C,) gold score per column.
+    first_row_block, first_col_block: global tile indices of rows[0] and cols[0].
+    skip_diagonal: leave out tiles whose global row and column tile indices are equal (the
+      gold-pair pass has counted them).
   Returns:
     row_counts: (k, R) int32, col_counts: (k, C) int32 partial over this device's rows; k is 2
     (above, ties) when count_ties else 1 (above).
@@ -201,64 +216,74 @@ def _tile_walk(rows, cols, row_gold, col_gold, *, block_rows: int, block_cols: i
   col_blocks = cols.reshape(-1, block_cols, dim)
   row_gold_blocks = row_gold.reshape(-1, block_rows)
   col_gold_blocks = col_gold.reshape(-1, block_cols)
-
-  def counts(scores, gold, axis):
-    # Reduce over the candidate axis; `gold` broadcasts along it.
-    above = jnp.sum(scores > gold, axis=axis, dtype=jnp.int32)
-    if not count_ties:
-      return above[None]
-    return jnp.stack([above, jnp.sum(scores == gold, axis=axis, dtype=jnp.int32)])
+  no_row_counts = jnp.zeros((kinds, block_rows), jnp.int32)
+  no_col_counts = jnp.zeros((kinds, block_cols), jnp.int32)
 
   def over_row_blocks(col_totals, row_inputs):
-    row_block, row_block_gold = row_inputs
+    row_index, row_block, row_block_gold = row_inputs
 
     def over_col_blocks(row_totals, col_inputs):
-      col_block, col_block_gold = col_inputs
-      scores = _dot_tile(row_block, col_block)  # (br, d) @ (d, bc) -> (br, bc)
-      if count_rows:
-        row_totals = row_totals + counts(scores, row_block_gold[:, None], axis=1)
-      col_part = (counts(scores, col_block_gold[None, :], axis=0) if count_cols
-                  else jnp.zeros((kinds, 0), jnp.int32))
-      return row_totals, col_part
+      col_index, col_block, col_block_gold = col_inputs
 
-    row_totals, col_parts = lax.scan(over_col_blocks,
-                                     jnp.zeros((kinds, block_rows), jnp.int32),
-                                     (col_blocks, col_gold_blocks))
-    if count_cols:
-      # (num_col_blocks, k, bc) -> (k, C)
-      col_totals = col_totals + jnp.moveaxis(col_parts, 0, 1).reshape(kinds, -1)
-    return col_totals, row_totals
+      def counted():
+        scores = _dot_tile(row_block, col_block)  # (br, d) @ (d, bc) -> (br, bc)
+        return ((_tile_counts(scores, row_block_gold[:, None], 1, count_ties)
+                 if count_rows else no_row_counts),
+                (_tile_counts(scores, col_block_gold[None, :], 0, count_ties)
+                 if count_cols else no_col_counts))
+
+      if skip_diagonal:
+        row_part, col_part = lax.cond(first_row_block + row_index == first_col_block + col_index,
+                                      lambda: (no_row_counts, no_col_counts), counted)
+      else:
+        row_part, col_part = counted()
+      return row_totals + row_part, col_part
+
+    row_totals, col_parts = lax.scan(
+        over_col_blocks, no_row_counts,
+        (jnp.arange(col_blocks.shape[0]), col_blocks, col_gold_blocks))
+    # (num_col_blocks, k, bc) -> (k, C)
+    return col_totals + jnp.moveaxis(col_parts, 0, 1).reshape(kinds, -1), row_totals
 
   col_totals, row_parts = lax.scan(
-      over_row_blocks, jnp.zeros((kinds, cols.shape[0] if count_cols else 0), jnp.int32),
-      (row_blocks, row_gold_blocks))
+      over_row_blocks, jnp.zeros((kinds, cols.shape[0]), jnp.int32),
+      (jnp.arange(row_blocks.shape[0]), row_blocks, row_gold_blocks))
   row_counts = jnp.moveaxis(row_parts, 0, 1).reshape(kinds, -1)  # (k, R)
   return row_counts, col_totals
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_walk(mesh: Mesh, block_rows: int, block_cols: int, count_rows: bool,
-                   count_cols: bool, count_ties: bool):
+                   count_cols: bool, count_ties: bool, skip_diagonal: bool):
   """The tile walk spread over `mesh`: rows split over 'data', columns replicated."""
 
-  def per_device(rows, cols, row_gold, col_gold):
+  def per_device(rows, cols, row_gold, col_gold, first_row_block, first_col_block):
+    local_blocks = rows.shape[0] // block_rows
     row_counts, col_counts = _tile_walk(
-        rows, cols, row_gold, col_gold, block_rows=block_rows, block_cols=block_cols,
-        count_rows=count_rows, count_cols=count_cols, count_ties=count_ties)
+        rows, cols, row_gold, col_gold,
+        first_row_block + lax.axis_index(AXIS) * local_blocks, first_col_block,
+        block_rows=block_rows, block_cols=block_cols, count_rows=count_rows,
+        count_cols=count_cols, count_ties=count_ties, skip_diagonal=skip_diagonal)
     # Every device saw all columns against its own rows: sum the column counts, and gather the
     # row counts so the result is replicated and every process can read it.
     return (lax.all_gather(row_counts, AXIS, axis=1, tiled=True),
             lax.psum(col_counts, AXIS))
 
-  sharded = jax.shard_map(per_device, mesh=mesh,
-                          in_specs=(P(AXIS, None), P(None, None), P(AXIS), P(None)),
-                          out_specs=(P(), P()), check_vma=False)
+  sharded = jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(AXIS, None), P(None, None), P(AXIS), P(None), P(), P()),
+      out_specs=(P(), P()), check_vma=False)
   return jax.jit(sharded)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_pair_scores(mesh: Mesh):
-  """Scores of gold pairs, packed on the diagonals of tiles shaped like the walk's tiles."""
+def _compiled_pair_scores(mesh: Mesh, count_kinds: int):
+  """Scores of gold pairs, packed on the diagonals of tiles shaped like the walk's tiles.
+
+  With count_kinds > 0 the tiles are the walk's diagonal tiles of the plain paired protocol
+  (row i's gold is column i), and each tile is also counted against its own diagonal:
+  (above[, ties]) per row and per column, so the walk can skip it.
+  """
 
   def per_device(row_tiles, col_tiles):
     # row_tiles (t, br, d), col_tiles (t, bc, d): pair p of tile t is row p against column p.
@@ -266,9 +291,14 @@ def _compiled_pair_scores(mesh: Mesh):
       row_tile, col_tile = tile
       scores = _dot_tile(row_tile, col_tile)  # (br, d) @ (d, bc) -> (br, bc)
       size = min(scores.shape)
-      return None, jnp.diagonal(scores[:size, :size])
-    _, diagonals = lax.scan(one_tile, None, (row_tiles, col_tiles))
-    return lax.all_gather(diagonals, AXIS, axis=0, tiled=True)
+      diagonal = jnp.diagonal(scores[:size, :size])
+      if not count_kinds:
+        return None, (diagonal,)
+      count_ties = count_kinds == 2
+      return None, (diagonal, _tile_counts(scores, diagonal[:, None], 1, count_ties),
+                    _tile_counts(scores, diagonal[None, :], 0, count_ties))
+    _, outputs = lax.scan(one_tile, None, (row_tiles, col_tiles))
+    return tuple(lax.all_gather(output, AXIS, axis=0, tiled=True) for output in outputs)
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(),
                           check_vma=False)
@@ -314,18 +344,23 @@ def gold_pairs(speech_keys: np.ndarray, text_keys: np.ndarray) -> tuple[np.ndarr
 
 def pair_scores(zspeech: np.ndarray, ztext: np.ndarray, pair_speech: np.ndarray,
                 pair_text: np.ndarray, *, mesh: Mesh, tile_rows: int, tile_cols: int,
-                tiles_per_device: int = 8) -> np.ndarray:
-  """(num_pairs,) float32 scores zspeech[pair_speech] . ztext[pair_text], rounded like the walk.
+                tiles_per_device: int = 8, count_kinds: int = 0
+                ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+  """Scores zspeech[pair_speech] . ztext[pair_text], rounded exactly like the walk's.
 
   tile_rows x tile_cols must be the walk's tile: the pairs sit on the diagonals of products of
   exactly that shape, so each score comes out of the same kernel as its competitors'.
+  Returns (num_pairs,) float32 scores and, with count_kinds (1: above, 2: above and ties) for
+  the plain paired protocol, (k, num_pairs) int counts of each pair's tile row and column.
   """
   per_tile = min(tile_rows, tile_cols)
   tiles_per_call = tiles_per_device * _data_size(mesh)
   pairs_per_call = per_tile * tiles_per_call
   dim = zspeech.shape[1]
-  fn = _compiled_pair_scores(mesh)
-  out = np.empty(len(pair_speech), np.float32)
+  fn = _compiled_pair_scores(mesh, count_kinds)
+  scores = np.empty(len(pair_speech), np.float32)
+  row_counts = np.zeros((count_kinds, len(pair_speech)), np.int64) if count_kinds else None
+  col_counts = np.zeros((count_kinds, len(pair_speech)), np.int64) if count_kinds else None
   for start in range(0, len(pair_speech), pairs_per_call):
     speech_index = pair_speech[start:start + pairs_per_call]
     text_index = pair_text[start:start + pairs_per_call]
@@ -337,9 +372,15 @@ def pair_scores(zspeech: np.ndarray, ztext: np.ndarray, pair_speech: np.ndarray,
     slot_of = np.arange(count) % per_tile
     row_tiles[tile_of, slot_of] = zspeech[speech_index]
     col_tiles[tile_of, slot_of] = ztext[text_index]
-    diagonals = fn(_put(row_tiles, mesh, P(AXIS)), _put(col_tiles, mesh, P(AXIS)))
-    out[start:start + count] = np.asarray(diagonals).reshape(-1)[:count]
-  return out
+    outputs = fn(_put(row_tiles, mesh, P(AXIS)), _put(col_tiles, mesh, P(AXIS)))
+    scores[start:start + count] = np.asarray(outputs[0]).reshape(-1)[:count]
+    if count_kinds:
+      # (t, k, tile) -> (k, t * tile), the pair order.
+      row_counts[:, start:start + count] = np.moveaxis(
+          np.asarray(outputs[1]), 1, 0).reshape(count_kinds, -1)[:, :count]
+      col_counts[:, start:start + count] = np.moveaxis(
+          np.asarray(outputs[2]), 1, 0).reshape(count_kinds, -1)[:, :count]
+  return scores, row_counts, col_counts
 
 
 def _gold_from_pairs(num_items: int, pair_item: np.ndarray, scores: np.ndarray):
@@ -389,23 +430,36 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
       math.ceil(num_speech / num_devices), blocking.block_rows, blocking.chunk_rows,
       blocking.align)
   chunk_rows = rows_per_device * num_devices
+  # A square matrix with square tiles keeps one tile size on both sides, so that row block k
+  # and column block k cover the same items (see `diagonal` below).
+  same_tile = tile_rows if (num_speech == num_text and
+                            blocking.block_rows == blocking.block_cols) else None
   tile_cols, chunk_cols, num_col_chunks = fit_tiles(num_text, blocking.block_cols,
-                                                    blocking.chunk_cols, blocking.align)
+                                                    blocking.chunk_cols, blocking.align,
+                                                    tile=same_tile)
 
+  kinds = 2 if count_ties else 1
   pair_speech, pair_text = gold_pairs(speech_keys, text_keys)
-  scores = pair_scores(zspeech, ztext, pair_speech, pair_text, mesh=mesh, tile_rows=tile_rows,
-                       tile_cols=tile_cols, tiles_per_device=blocking.pair_batch)
+  # The plain paired protocol (gold of row i is column i) packs its gold pairs exactly into
+  # the walk's diagonal tiles: count those tiles in the pair pass and skip them in the walk,
+  # so the whole matrix is computed once.
+  diagonal = (num_speech == num_text and tile_rows == tile_cols and
+              np.array_equal(pair_speech, np.arange(num_speech)) and
+              np.array_equal(pair_text, np.arange(num_text)))
+  scores, diagonal_row_counts, diagonal_col_counts = pair_scores(
+      zspeech, ztext, pair_speech, pair_text, mesh=mesh, tile_rows=tile_rows,
+      tile_cols=tile_cols, tiles_per_device=blocking.pair_batch,
+      count_kinds=kinds if diagonal else 0)
   speech_gold, speech_reaching = _gold_from_pairs(num_speech, pair_speech, scores)
   text_gold, text_reaching = _gold_from_pairs(num_text, pair_text, scores)
 
-  walk = _compiled_walk(mesh, tile_rows, tile_cols, speech_to_text,
-                        text_to_speech, count_ties)
-  kinds = 2 if count_ties else 1
+  walk = _compiled_walk(mesh, tile_rows, tile_cols, speech_to_text, text_to_speech, count_ties,
+                        diagonal)
   # Non-queries get +inf: nothing scores above or equal to it, so they add no counts.
   speech_threshold = np.where(np.isnan(speech_gold), np.inf, speech_gold).astype(np.float32)
   text_threshold = np.where(np.isnan(text_gold), np.inf, text_gold).astype(np.float32)
-  speech_counts = np.zeros((kinds, num_speech), np.int64)
-  text_counts = np.zeros((kinds, num_text), np.int64)
+  speech_counts = diagonal_row_counts if diagonal else np.zeros((kinds, num_speech), np.int64)
+  text_counts = diagonal_col_counts if diagonal else np.zeros((kinds, num_text), np.int64)
 
   def col_chunk(index):
     start = index * chunk_cols
@@ -423,7 +477,8 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
       cols, col_gold = resident_cols or col_chunk(col_index)
       col_start = col_index * chunk_cols
       num_cols = max(0, min(chunk_cols, num_text - col_start))
-      row_part, col_part = walk(rows, cols, row_gold, col_gold)
+      row_part, col_part = walk(rows, cols, row_gold, col_gold,
+                                np.int32(row_start // tile_rows), np.int32(col_start // tile_cols))
       if speech_to_text:
         speech_counts[:, row_start:row_start + num_rows] += np.asarray(row_part)[:, :num_rows]
       if text_to_speech:

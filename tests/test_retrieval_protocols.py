@@ -14,6 +14,9 @@ import test_retrieval_reference as reference
 # Tiles much smaller than the corpus, so every run crosses tile and chunk borders and pads.
 BLOCKING = scoring.Blocking(block_rows=8, block_cols=16, chunk_rows=16, chunk_cols=32,
                             pair_batch=2)
+# Square tiles: the plain paired protocol counts its diagonal tiles in the gold-pair pass.
+SQUARE = scoring.Blocking(block_rows=8, block_cols=8, chunk_rows=16, chunk_cols=24,
+                          pair_batch=2)
 CROSS_LINGUAL = (("fr", "en"), ("de", "en"))
 
 
@@ -34,14 +37,15 @@ def soft_lists(protocol):
   return lists
 
 
-@pytest.mark.parametrize("kind,skip_ties,duplicates_as_hits",
-                         list(itertools.product(("hard", "soft"), (False, True),
-                                                (False, True))))
-def test_matches_brute_force(arrays, mesh, kind, skip_ties, duplicates_as_hits):
+@pytest.mark.parametrize("kind,skip_ties,duplicates_as_hits,square",
+                         [(*combo, False) for combo in itertools.product(
+                             ("hard", "soft"), (False, True), (False, True))] +
+                         [("hard", skip_ties, False, True) for skip_ties in (False, True)])
+def test_matches_brute_force(arrays, mesh, kind, skip_ties, duplicates_as_hits, square):
   protocol = protocols.Protocol(kind=kind, num_candidates=10, seed=3, skip_ties=skip_ties,
                                 duplicates_as_hits=duplicates_as_hits,
                                 cross_lingual=CROSS_LINGUAL)
-  got = protocols.evaluate(arrays, protocol, mesh=mesh, blocking=BLOCKING)
+  got = protocols.evaluate(arrays, protocol, mesh=mesh, blocking=SQUARE if square else BLOCKING)
   want = reference.reference_metrics(arrays, kind=kind, skip_ties=skip_ties,
                                      duplicates_as_hits=duplicates_as_hits,
                                      cross_lingual=CROSS_LINGUAL,

@@ -69,6 +69,30 @@ def test_counts_match_brute_force(integer_pools, devices, blocking_name):
     np.testing.assert_array_equal(counts.tied_at_top, is_query & (above == 0) & (ties > 0))
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("count_ties", [False, True])
+def test_plain_pairs_count_the_diagonal_tiles_once(devices, count_ties):
+  """Row i paired with column i: the pair pass counts the diagonal tiles, the walk skips them."""
+  rng = np.random.default_rng(8)
+  zspeech = rng.integers(-2, 3, (70, 6)).astype(np.float32)
+  ztext = rng.integers(-2, 3, (70, 6)).astype(np.float32)
+  ztext[50] = ztext[2]  # Duplicates in different tiles and chunks.
+  zspeech[9] = zspeech[61]
+  keys = np.arange(70)
+  mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+  # Square tiles, several row and column chunks, padding.
+  blocking = scoring.Blocking(block_rows=4, block_cols=4, chunk_rows=8, chunk_cols=12,
+                              pair_batch=1)
+  speech_counts, text_counts = scoring.score_both_ways(
+      zspeech, ztext, keys, keys, count_ties=count_ties, mesh=mesh, blocking=blocking)
+  for counts, want in ((speech_counts, brute_counts(zspeech, ztext, keys, keys)),
+                       (text_counts, brute_counts(ztext, zspeech, keys, keys))):
+    above, ties, _ = want
+    np.testing.assert_array_equal(counts.above, above)
+    if count_ties:
+      np.testing.assert_array_equal(counts.ties, ties)
+
+
 def test_one_direction_and_no_ties(integer_pools):
   zspeech, ztext, speech_keys, text_keys = integer_pools
   speech_counts, text_counts = scoring.score_both_ways(
@@ -179,12 +203,13 @@ def test_listed_scores_match_brute_force(integer_pools, devices):
 def test_device_memory_grows_with_the_chunk_not_its_square():
   """The compiled walk's scratch memory is linear in the resident rows and columns."""
   mesh = one_device_mesh()
-  walk = scoring._compiled_walk(mesh, 64, 64, True, True, True)
+  walk = scoring._compiled_walk(mesh, 64, 64, True, True, True, True)
   temp = {}
   for size in (4096, 16384):
     vectors = jax.ShapeDtypeStruct((size, 32), np.float32)
     gold = jax.ShapeDtypeStruct((size,), np.float32)
-    compiled = walk.lower(vectors, vectors, gold, gold).compile()
+    block = jax.ShapeDtypeStruct((), np.int32)
+    compiled = walk.lower(vectors, vectors, gold, gold, block, block).compile()
     temp[size] = compiled.memory_analysis().temp_size_in_bytes
   assert temp[16384] < 100 * 16384 * 4  # The full matrix would be 16384 * 16384 * 4 bytes.
   assert temp[16384] < 6 * temp[4096]
