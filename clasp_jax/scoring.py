@@ -354,7 +354,9 @@ def pair_scores(zspeech: np.ndarray, ztext: np.ndarray, pair_speech: np.ndarray,
   the plain paired protocol, (k, num_pairs) int counts of each pair's tile row and column.
   """
   per_tile = min(tile_rows, tile_cols)
-  tiles_per_call = tiles_per_device * _data_size(mesh)
+  num_devices = _data_size(mesh)
+  tiles_needed = max(1, math.ceil(len(pair_speech) / per_tile))
+  tiles_per_call = min(tiles_per_device, math.ceil(tiles_needed / num_devices)) * num_devices
   pairs_per_call = per_tile * tiles_per_call
   dim = zspeech.shape[1]
   fn = _compiled_pair_scores(mesh, count_kinds)
