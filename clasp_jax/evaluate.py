@@ -134,8 +134,10 @@ def run(argv: list[str]) -> int:
     protocol = _protocol()
     blocking = _blocking()
     logging.info("reading %s", _EMBEDDINGS.value)
+    # The arrays were just read for this run, so they are normalised where they lie.
     corpus = protocols.Corpus.from_mapping(load_embeddings(_EMBEDDINGS.value),
-                                           normalize=_NORMALIZE.value, strict=True)
+                                           normalize=_NORMALIZE.value, in_place=True,
+                                           strict=True)
     logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
                  corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
                  jax.default_backend())

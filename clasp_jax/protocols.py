@@ -122,9 +122,14 @@ def _as_ids(name: str, value: Any, length: int) -> np.ndarray:
   return array
 
 
-def _normalize_rows(name: str, array: np.ndarray, chunk: int = 65536) -> np.ndarray:
-  """L2-normalises rows in place (the scores become cosines), chunk by chunk to bound memory."""
-  if not array.flags.writeable:
+def _normalize_rows(name: str, array: np.ndarray, in_place: bool,
+                    chunk: int = 65536) -> np.ndarray:
+  """L2-normalised rows (the scores become cosines), chunk by chunk to bound memory.
+
+  in_place overwrites `array` when it allows, so a corpus loaded only for this run does not
+  need a second copy; otherwise the caller's array is left alone.
+  """
+  if not (in_place and array.flags.writeable):
     array = array.copy()
   for start in range(0, len(array), chunk):
     block = array[start:start + chunk]
@@ -164,13 +169,14 @@ class Corpus:
 
   @classmethod
   def from_mapping(cls, arrays: Mapping[str, Any], *, normalize: bool = False,
-                   strict: bool = False) -> "Corpus":
+                   in_place: bool = False, strict: bool = False) -> "Corpus":
     """Validates a mapping like the .npz file's and builds the corpus.
 
     Args:
       arrays: 'speech' and 'text' plus any of the optional fields.
-      normalize: L2-normalise the embeddings (in place where the arrays allow) so scores are
-        cosine similarities whatever the source produced.
+      normalize: L2-normalise the embeddings so scores are cosine similarities whatever the
+        source produced.
+      in_place: normalise the given float32 arrays themselves instead of copies.
       strict: reject keys that are not fields (catches typos such as 'languages').
     """
     missing = [name for name in ("speech", "text") if name not in arrays]
@@ -208,10 +214,10 @@ class Corpus:
           fields["query_text_id"].dtype.kind in "iu"):
         raise InputError("query_text_id and text_id must both be integers or both strings")
     if normalize:
-      zspeech = _normalize_rows("speech", zspeech)
-      ztext = _normalize_rows("text", ztext)
+      zspeech = _normalize_rows("speech", zspeech, in_place)
+      ztext = _normalize_rows("text", ztext, in_place)
       if "query_text" in fields:
-        fields["query_text"] = _normalize_rows("query_text", fields["query_text"])
+        fields["query_text"] = _normalize_rows("query_text", fields["query_text"], in_place)
     return cls(zspeech=zspeech, ztext=ztext, **fields)
 
 

@@ -18,11 +18,15 @@ so the tile loop needs no masks; ties with gold-set members are removed afterwar
 pair scores, and zero rows padded onto the last chunk score exactly 0 and are removed from the
 counts on the host.
 
-Exact ties. Identical embeddings (duplicate texts through a frozen text tower) must tie exactly,
-as they do in a full matrix. A dot product's rounding depends on the kernel that computes it, so
-the gold scores are computed with matrix products of the very same tile shape as the walk (and
-an optimisation barrier keeps XLA from fusing either product into something else); a gold score
-computed any other way would differ from its duplicate's score in the last bit.
+Exact ties. Identical embeddings (duplicate texts through a frozen text tower) must tie
+exactly. A dot product's rounding depends on the kernel that computes it, and some kernels even
+round by position (NumPy's full product breaks 22 of the 355 planted duplicate ties in
+benchmarks/retrieval.py). So the gold scores come out of matrix products of exactly the walk's
+tile shape, gold pairs packed on the tiles' diagonals, and an optimisation barrier keeps XLA
+from fusing or slicing either product; a gold score computed any other way would differ from
+its duplicate's score in the last bit. For the plain paired protocol (row i's gold is column i)
+those gold tiles are the walk's own diagonal tiles: they are counted there and skipped in the
+walk, so the matrix is computed exactly once.
 
 Devices. With several devices, each resident row chunk is split over the mesh axis 'data'; the
 column chunk is replicated, column counts are summed with `psum` and row counts gathered, all
@@ -90,8 +94,9 @@ def default_blocking(platform: Optional[str] = None) -> Blocking:
   """Tile sizes that keep each backend's matrix unit busy.
 
   On a CPU a 512 x 512 x 768 tile already runs the matrix product at full speed with its
-  operands in cache, and small tiles keep the extra tiles of gold scores cheap (one per tile
-  row); an accelerator wants larger tiles to amortise each loop step.
+  operands in cache, and small tiles keep the gold-pair tiles of duplicate and cross-lingual
+  gold sets cheap (about one per tile row); an accelerator wants larger tiles to amortise each
+  loop step.
   """
   platform = platform or jax.default_backend()
   if platform == "cpu":

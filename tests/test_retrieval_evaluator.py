@@ -1,4 +1,4 @@
-"""The trainer's retrieval evaluator: config defaults, names, and the same numbers as the CLI core."""
+"""The trainer's retrieval evaluator: config defaults, names, the same numbers as the CLI."""
 
 import jax
 from jax.sharding import Mesh

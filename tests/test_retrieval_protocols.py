@@ -140,8 +140,10 @@ def test_normalize_makes_scores_cosines(mesh):
   unit = {"speech": zspeech / np.linalg.norm(zspeech, axis=1, keepdims=True),
           "text": ztext / np.linalg.norm(ztext, axis=1, keepdims=True)}
   protocol = protocols.Protocol(breakdowns=())
+  given = scaled["speech"].copy()
   assert (protocols.evaluate(scaled, protocol, mesh=mesh, blocking=BLOCKING, normalize=True)
           == pytest.approx(protocols.evaluate(unit, protocol, mesh=mesh, blocking=BLOCKING)))
+  np.testing.assert_array_equal(scaled["speech"], given)  # The caller's arrays are untouched.
   with pytest.raises(protocols.InputError, match="all zeros"):
     protocols.evaluate({"speech": np.zeros((4, 8), np.float32), "text": unit["text"][:4]},
                        protocol, mesh=mesh, blocking=BLOCKING, normalize=True)
