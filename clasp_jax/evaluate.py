@@ -15,6 +15,7 @@ values, plus `settings/...` entries that record the protocol. See docs/evaluatio
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -54,12 +55,14 @@ _CROSS_LINGUAL = flags.DEFINE_list(
 _KS = flags.DEFINE_list("ks", ["1", "5", "10"], "The k of HITS@k.")
 _NORMALIZE = flags.DEFINE_bool(
     "normalize", True, "L2-normalise the embeddings first, so scores are cosine similarities.")
-_BLOCK_ROWS = flags.DEFINE_integer("block_rows", 0, "Speech rows per tile; 0: backend default.")
-_BLOCK_COLS = flags.DEFINE_integer("block_cols", 0, "Texts per tile; 0: backend default.")
+_BLOCK_ROWS = flags.DEFINE_integer(
+    "block_rows", 0, "At most this many speech rows per tile; 0: backend default.")
+_BLOCK_COLS = flags.DEFINE_integer(
+    "block_cols", 0, "At most this many texts per tile; 0: backend default.")
 _CHUNK_ROWS = flags.DEFINE_integer(
-    "chunk_rows", 0, "Speech rows resident per device (a multiple of the tile); 0: default.")
+    "chunk_rows", 0, "Speech rows resident per device (rounded up to whole tiles); 0: default.")
 _CHUNK_COLS = flags.DEFINE_integer(
-    "chunk_cols", 0, "Texts resident at a time (a multiple of the tile); 0: default.")
+    "chunk_cols", 0, "Texts resident at a time (rounded up to whole tiles); 0: default.")
 
 
 def load_embeddings(path: str) -> dict[str, np.ndarray]:
@@ -130,6 +133,8 @@ def run(argv: list[str]) -> int:
     print("error: --embeddings and --output are required", file=sys.stderr)
     return 2
   started = time.perf_counter()
+  # JAX logs every accelerator it fails to find at INFO; only our progress belongs there.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   try:
     protocol = _protocol()
     blocking = _blocking()
