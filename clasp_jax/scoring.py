@@ -181,9 +181,11 @@ def _data_size(mesh: Mesh) -> int:
 def _dot_tile(rows: jax.Array, cols: jax.Array) -> jax.Array:
   """(br, d) @ (d, bc) -> (br, bc) in full float32.
 
-  The barrier keeps XLA from fusing the product with its consumers or slicing it, so every
-  call site runs the same standalone kernel and rounds each score the same way.
+  The barriers keep XLA from fusing the product with its producers (the walk's slices) or its
+  consumers, or from slicing it, so every call site runs the same standalone kernel and rounds
+  each score the same way.
   """
+  rows, cols = lax.optimization_barrier((rows, cols))
   scores = lax.dot_general(rows, cols, (((1,), (1,)), ((), ())),
                            precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)
