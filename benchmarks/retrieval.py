@@ -70,13 +70,16 @@ def noisy_copy(rng: np.random.Generator, rows: np.ndarray, noise: float) -> np.n
   return out
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-  best, result = float("inf"), None
+def best_times(contenders: dict, repeats: int):
+  """Best seconds of each contender over `repeats` round-robin rounds, and its last result."""
+  times = {name: [] for name in contenders}
+  results = {}
   for _ in range(repeats):
-    start = time.perf_counter()
-    result = fn()
-    best = min(best, time.perf_counter() - start)
-  return best, result
+    for name, fn in contenders.items():
+      start = time.perf_counter()
+      results[name] = fn()
+      times[name].append(time.perf_counter() - start)
+  return times, [min(times[name]) for name in contenders], results
 
 
 def blocking() -> scoring.Blocking:
@@ -138,29 +141,32 @@ def speed() -> None:
   print(f"backend {jax.default_backend()} ({jax.device_count()} device(s): "
         f"{jax.devices()[0].device_kind}), N = {num}, d = {dim}, best of {repeats}")
 
-  numpy_matmul, _ = best_time(lambda: zspeech @ ztext.T, repeats)
   jax_dot = jax.jit(lambda a, b: jax.lax.dot_general(
       a, b, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST))
   speech_device, text_device = jnp.asarray(zspeech), jnp.asarray(ztext)
-  jax_dot(speech_device, text_device).block_until_ready()
-  jax_matmul, _ = best_time(lambda: jax_dot(speech_device, text_device).block_until_ready(),
-                            repeats)
-  del speech_device, text_device
-  floor = min(numpy_matmul, jax_matmul)
-
-  numpy_time, (numpy_speech_ranks, numpy_text_ranks) = best_time(
-      lambda: numpy_reference(zspeech, ztext), repeats)
 
   def ours(count_ties):
     return scoring.score_both_ways(zspeech, ztext, keys, keys, count_ties=count_ties,
                                    blocking=blocking())
 
+  jax_dot(speech_device, text_device).block_until_ready()
   start = time.perf_counter()
   ours(False)
   first_call = time.perf_counter() - start
   ours(True)  # Compiles the tie-counting walk outside the timing.
-  ours_time, (speech_counts, text_counts) = best_time(lambda: ours(False), repeats)
-  ties_time, (speech_tied, _) = best_time(lambda: ours(True), repeats)
+  # Round-robin repeats: a burst of load from elsewhere then hits every contender alike.
+  times, (numpy_matmul, jax_matmul, numpy_time, ours_time, ties_time), results = best_times({
+      "numpy_matmul": lambda: zspeech @ ztext.T,
+      "jax_matmul": lambda: jax_dot(speech_device, text_device).block_until_ready(),
+      "numpy_reference": lambda: numpy_reference(zspeech, ztext),
+      "ours": lambda: ours(False),
+      "ours_ties": lambda: ours(True),
+  }, repeats)
+  del speech_device, text_device
+  floor = min(numpy_matmul, jax_matmul)
+  numpy_speech_ranks, numpy_text_ranks = results["numpy_reference"]
+  speech_counts, text_counts = results["ours"]
+  speech_tied, _ = results["ours_ties"]
 
   library = loop_library()
   loop_row = cosine_loop_rows(zspeech, ztext, _LOOP_ROWS.value, library)
@@ -179,7 +185,8 @@ def speed() -> None:
   print(f"{'':54s} {'seconds':>10s} {'x floor':>8s}")
   for name, seconds in table:
     print(f"{name:54s} {seconds:10.3f} {seconds / floor:8.2f}")
-  print(f"ours, first call (with compilation): {first_call:.3f} s")
+  print(f"ours, first call (with compilation): {first_call:.3f} s; every run (s): " +
+        ", ".join(f"{name} " + "/".join(f"{t:.2f}" for t in runs) for name, runs in times.items()))
   print(f"per-pair loop: {loop_row:.3f} s a row, {loop_total / 3600:.2f} h in all; "
         f"ours is {loop_total / ours_time:,.0f}x faster")
   print(f"ours vs NumPy reference: {ours_time / numpy_time:.2f}x the time "
