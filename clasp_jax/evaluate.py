@@ -1,0 +1,181 @@
+r"""Retrieval evaluation of paired speech/text embeddings with the paper's protocols.
+
+  python -m clasp_jax.evaluate --embeddings=test.npz --output=metrics.json \
+      [--protocol=hard|soft] [--num_candidates=100] [--seed=0] [--skip_ties] \
+      [--duplicates_as_hits] [--breakdowns=category,language,source] [--cross_lingual=fr:en]
+
+The .npz file holds `speech` and `text` (N x d floats, row i of each is a pair) and optionally
+`category`, `language`, `source` (N strings), `text_id` (N ids; equal ids mark duplicate
+texts), and text-only queries `query_text` (M x d), `query_language`, `query_text_id` for the
+cross-lingual evaluation. Both directions are scored; the JSON maps names like
+`speech_to_text/hits@1`, `text_to_speech/mrr`, `by_category/news/speech_to_text/mean_rank` to
+values, plus `settings/...` entries that record the protocol. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import sys
+import time
+import zipfile
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from clasp_jax import protocols
+from clasp_jax import scoring
+
+_EMBEDDINGS = flags.DEFINE_string(
+    "embeddings", None, ".npz file with `speech` and `text` (N x d, row i of each a pair) and "
+    "optional `category`, `language`, `source`, `text_id`, `query_text`, `query_language`, "
+    "`query_text_id`.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file to write every metric to.")
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol", "hard", protocols.PROTOCOLS,
+    "hard: rank against the whole corpus; soft: rank among --num_candidates candidates.")
+_NUM_CANDIDATES = flags.DEFINE_integer(
+    "num_candidates", 100, "Soft protocol: candidates per query, the gold one included.")
+_SEED = flags.DEFINE_integer("seed", 0, "Soft protocol: seed of the random candidates.")
+_SKIP_TIES = flags.DEFINE_bool(
+    "skip_ties", False, "Leave out queries whose top score ties the gold one with another item "
+    "(the paper's per-source rule); reports num_skipped.")
+_DUPLICATES_AS_HITS = flags.DEFINE_bool(
+    "duplicates_as_hits", False, "A text with the gold text's `text_id` counts as a hit.")
+_BREAKDOWNS = flags.DEFINE_list(
+    "breakdowns", None, "Fields to slice the queries by (category, language, source); default "
+    "every one the file has; empty for none.")
+_CROSS_LINGUAL = flags.DEFINE_list(
+    "cross_lingual", [], "TEXT_LANG:SPEECH_LANG pairs: texts in the first retrieve speech in "
+    "the second and back, paired by `text_id` (needs `language` and `text_id`).")
+_KS = flags.DEFINE_list("ks", ["1", "5", "10"], "The k of HITS@k.")
+_NORMALIZE = flags.DEFINE_bool(
+    "normalize", True, "L2-normalise the embeddings first, so scores are cosine similarities.")
+_BLOCK_ROWS = flags.DEFINE_integer(
+    "block_rows", 0, "At most this many speech rows per tile; 0: backend default.")
+_BLOCK_COLS = flags.DEFINE_integer(
+    "block_cols", 0, "At most this many texts per tile; 0: backend default.")
+_CHUNK_ROWS = flags.DEFINE_integer(
+    "chunk_rows", 0, "Speech rows resident per device (rounded up to whole tiles); 0: default.")
+_CHUNK_COLS = flags.DEFINE_integer(
+    "chunk_cols", 0, "Texts resident at a time (rounded up to whole tiles); 0: default.")
+
+
+def load_embeddings(path: str) -> dict[str, np.ndarray]:
+  """Every array of an .npz file, read one by one; fails with a one-line reason."""
+  if not os.path.isfile(path):
+    raise protocols.InputError(f"--embeddings: no such file {path}")
+  with open(path, "rb") as f:
+    magic = f.read(6)
+  if magic == b"\x93NUMPY":
+    raise protocols.InputError(f"--embeddings: {path} is a single .npy array, not an .npz file")
+  if not magic.startswith(b"PK"):
+    raise protocols.InputError(f"--embeddings: {path} is not an .npz (zip) file")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {name: archive[name] for name in archive.files}
+  except (zipfile.BadZipFile, EOFError, OSError) as error:
+    raise protocols.InputError(f"--embeddings: cannot read {path} as .npz: {error}") from error
+  except ValueError as error:
+    # np.load refuses object arrays without pickle; strings must be stored as np.str_.
+    raise protocols.InputError(f"--embeddings: {path}: {error} (store labels as fixed-width "
+                               "strings, e.g. np.asarray(labels, dtype=str))") from error
+
+
+def _blocking() -> scoring.Blocking:
+  try:
+    return scoring.make_blocking(_BLOCK_ROWS.value, _BLOCK_COLS.value, _CHUNK_ROWS.value,
+                                 _CHUNK_COLS.value)
+  except ValueError as error:
+    raise protocols.InputError(str(error)) from error
+
+
+def _protocol() -> protocols.Protocol:
+  try:
+    ks = tuple(int(k) for k in _KS.value)
+  except ValueError as error:
+    raise protocols.InputError(f"--ks must be integers, got {_KS.value}") from error
+  return protocols.Protocol(
+      kind=_PROTOCOL.value,
+      num_candidates=_NUM_CANDIDATES.value,
+      seed=_SEED.value,
+      skip_ties=_SKIP_TIES.value,
+      duplicates_as_hits=_DUPLICATES_AS_HITS.value,
+      breakdowns=None if _BREAKDOWNS.value is None else tuple(_BREAKDOWNS.value),
+      cross_lingual=protocols.parse_cross_lingual(_CROSS_LINGUAL.value),
+      ks=ks)
+
+
+def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[str, object]:
+  settings = {
+      "settings/protocol": protocol.kind,
+      "settings/skip_ties": protocol.skip_ties,
+      "settings/duplicates_as_hits": protocol.duplicates_as_hits,
+      "settings/num_pairs": corpus.size,
+      "settings/dim": int(corpus.zspeech.shape[1]),
+      "settings/embeddings": os.path.abspath(_EMBEDDINGS.value),
+  }
+  if protocol.kind == "soft":
+    settings["settings/num_candidates"] = protocol.num_candidates
+    settings["settings/seed"] = protocol.seed
+  return settings
+
+
+def run(argv: list[str]) -> int:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  if not _EMBEDDINGS.value or not _OUTPUT.value:
+    print("error: --embeddings and --output are required", file=sys.stderr)
+    return 2
+  started = time.perf_counter()
+  # JAX logs every accelerator it fails to find at INFO; only our progress belongs there.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  try:
+    protocol = _protocol()
+    blocking = _blocking()
+    logging.info("reading %s", _EMBEDDINGS.value)
+    # The arrays were just read for this run, so they are normalised where they lie.
+    corpus = protocols.Corpus.from_mapping(load_embeddings(_EMBEDDINGS.value),
+                                           normalize=_NORMALIZE.value, in_place=True,
+                                           strict=True)
+    logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
+                 corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
+                 jax.default_backend())
+    metrics = protocols.evaluate(corpus, protocol, blocking=blocking,
+                                 progress=lambda line: logging.info("%s", line))
+  except (protocols.InputError, scoring.TooManyPairsError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  output = dict(metrics)
+  output.update(_settings(protocol, corpus))
+  directory = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(output, f, indent=2, sort_keys=True)
+  except OSError as error:
+    print(f"error: --output: cannot write {_OUTPUT.value}: {error}", file=sys.stderr)
+    return 1
+  first_k = min(protocol.ks)
+  for direction in protocols.DIRECTIONS:
+    if f"{direction}/mrr" in metrics:
+      print(f"{direction}: hits@{first_k} {metrics[f'{direction}/hits@{first_k}']:.4f}  "
+            f"mrr {metrics[f'{direction}/mrr']:.4f}  "
+            f"mean rank {metrics[f'{direction}/mean_rank']:.2f}  "
+            f"({int(metrics[f'{direction}/num_queries'])} queries)")
+  print(f"wrote {len(metrics)} metrics to {_OUTPUT.value} in "
+        f"{time.perf_counter() - started:.1f} s")
+  return 0
+
+
+def main():
+  app.run(lambda argv: sys.exit(run(argv)))
+
+
+if __name__ == "__main__":
+  main()
