@@ -5,6 +5,10 @@ from __future__ import annotations
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key and the fix."""
+
+
 def _convert(text: str, default):
   if isinstance(default, bool):
     lowered = text.lower()

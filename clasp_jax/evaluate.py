@@ -3,6 +3,10 @@ r"""Retrieval evaluation of paired speech/text embeddings with the paper's proto
   python -m clasp_jax.evaluate --embeddings=test.npz --output=metrics.json \
       [--protocol=hard|soft] [--num_candidates=100] [--seed=0] [--skip_ties] \
       [--duplicates_as_hits] [--breakdowns=category,language,source] [--cross_lingual=fr:en]
+  python -m clasp_jax.evaluate --workdir=TRAIN_DIR --split=test --output=metrics.json [...]
+
+With --workdir, the newest checkpoint of a training run embeds the split of its own data
+config (or of --features, a feature folder) and those embeddings are evaluated.
 
 The .npz file holds `speech` and `text` (N x d floats, row i of each is a pair) and optionally
 `category`, `language`, `source` (N strings), `text_id` (N ids; equal ids mark duplicate
@@ -27,13 +31,22 @@ from absl import logging
 import jax
 import numpy as np
 
+from clasp_jax import cli_flags
 from clasp_jax import protocols
 from clasp_jax import scoring
+from clasp_jax.config_args import ConfigError
 
 _EMBEDDINGS = flags.DEFINE_string(
     "embeddings", None, ".npz file with `speech` and `text` (N x d, row i of each a pair) and "
     "optional `category`, `language`, `source`, `text_id`, `query_text`, `query_language`, "
     "`query_text_id`.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training workdir: embed --split with its newest checkpoint instead of "
+    "reading --embeddings.")
+_SPLIT = flags.DEFINE_string("split", "test", "With --workdir: the split to embed.")
+_FEATURES = flags.DEFINE_string(
+    "features", "", "With --workdir: a feature folder to read --split from instead of the "
+    "workdir config's data.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file to write every metric to.")
 _PROTOCOL = flags.DEFINE_enum(
     "protocol", "hard", protocols.PROTOCOLS,
@@ -86,6 +99,19 @@ def load_embeddings(path: str) -> dict[str, np.ndarray]:
                                "strings, e.g. np.asarray(labels, dtype=str))") from error
 
 
+def _embed_from_workdir() -> dict[str, np.ndarray]:
+  from clasp_jax import inference  # Model code is only needed in this mode.
+  logging.info("embedding the %s split with the newest checkpoint of %s", _SPLIT.value,
+               _WORKDIR.value)
+  try:
+    arrays, step = inference.embed_workdir_split(_WORKDIR.value, _SPLIT.value,
+                                                 features_dir=_FEATURES.value)
+  except ValueError as error:  # e.g. a split the data config does not have.
+    raise protocols.InputError(str(error)) from error
+  logging.info("embedded %d pairs with the checkpoint of step %d", len(arrays["speech"]), step)
+  return arrays
+
+
 def _blocking() -> scoring.Blocking:
   try:
     return scoring.make_blocking(_BLOCK_ROWS.value, _BLOCK_COLS.value, _CHUNK_ROWS.value,
@@ -117,8 +143,12 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
       "settings/duplicates_as_hits": protocol.duplicates_as_hits,
       "settings/num_pairs": corpus.size,
       "settings/dim": int(corpus.zspeech.shape[1]),
-      "settings/embeddings": os.path.abspath(_EMBEDDINGS.value),
   }
+  if _EMBEDDINGS.value:
+    settings["settings/embeddings"] = os.path.abspath(_EMBEDDINGS.value)
+  else:
+    settings["settings/workdir"] = os.path.abspath(_WORKDIR.value)
+    settings["settings/split"] = _SPLIT.value
   if protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
@@ -129,8 +159,9 @@ def run(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 2
-  if not _EMBEDDINGS.value or not _OUTPUT.value:
-    print("error: --embeddings and --output are required", file=sys.stderr)
+  if bool(_EMBEDDINGS.value) == bool(_WORKDIR.value) or not _OUTPUT.value:
+    print("error: --output and exactly one of --embeddings and --workdir are required",
+          file=sys.stderr)
     return 2
   started = time.perf_counter()
   # JAX logs every accelerator it fails to find at INFO; only our progress belongs there.
@@ -138,17 +169,21 @@ def run(argv: list[str]) -> int:
   try:
     protocol = _protocol()
     blocking = _blocking()
-    logging.info("reading %s", _EMBEDDINGS.value)
-    # The arrays were just read for this run, so they are normalised where they lie.
-    corpus = protocols.Corpus.from_mapping(load_embeddings(_EMBEDDINGS.value),
-                                           normalize=_NORMALIZE.value, in_place=True,
+    if _EMBEDDINGS.value:
+      logging.info("reading %s", _EMBEDDINGS.value)
+      arrays = load_embeddings(_EMBEDDINGS.value)
+    else:
+      arrays = _embed_from_workdir()
+    # The arrays were just made for this run, so they are normalised where they lie.
+    corpus = protocols.Corpus.from_mapping(arrays, normalize=_NORMALIZE.value, in_place=True,
                                            strict=True)
     logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
                  corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
                  jax.default_backend())
     metrics = protocols.evaluate(corpus, protocol, blocking=blocking,
                                  progress=lambda line: logging.info("%s", line))
-  except (protocols.InputError, scoring.TooManyPairsError) as error:
+  except (protocols.InputError, scoring.TooManyPairsError, FileNotFoundError,
+          ConfigError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   output = dict(metrics)
@@ -174,7 +209,7 @@ def run(argv: list[str]) -> int:
 
 
 def main():
-  app.run(lambda argv: sys.exit(run(argv)))
+  app.run(lambda argv: sys.exit(run(argv)), flags_parser=cli_flags.parse_flags)
 
 
 if __name__ == "__main__":

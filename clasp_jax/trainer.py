@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -19,10 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clasp_jax import optim, steps, text_tower
+from clasp_jax.config_args import ConfigError
+from clasp_jax.inference import embed_feature_split, freeze_text_tower, tokenize_split
 from clasp_jax.checkpointing import Checkpointer, abstract_like
 from clasp_jax.data import feature_pipeline, features
 from clasp_jax.data.sampling import EpochSampler
@@ -32,10 +32,6 @@ from clasp_jax.losses import LOSSES
 from clasp_jax.metric_writer import MetricWriter
 from clasp_jax.models.clasp import model_from_config
 from clasp_jax.models.fusion import FUSIONS, MODES
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the key and the fix."""
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -70,44 +66,6 @@ def _write_text(path: str, text: str) -> None:
       f.write(text)
 
 
-def _tokenize_split(split: features.FeatureSplit, name: str, tower: text_tower.TextTower) -> None:
-  """Tokenises the split's sentences once, padded to the tower's maximum length."""
-  if split.sentences is None:
-    raise ConfigError(f"config.text.encoder needs the sentences of each split, but the {name} "
-                      f"split has none (sentences.json); synthetic_features has none either")
-  input_ids, attention_mask = tower.pad_batch(tower.tokenize(split.sentences),
-                                              length=tower.max_length)
-  split.add_tokens(input_ids, attention_mask)
-
-
-def _freeze_text_tower(frozen, tower: text_tower.TextTower, trainable_top_layers: int):
-  """Freezes every text-tower parameter but the top layers (and the Dense head) asked for."""
-  trainable = (re.compile(text_tower.trainable_top_layers_regex(tower, trainable_top_layers))
-               if trainable_top_layers > 0 else None)
-  frozen = dict(frozen)
-  frozen["text_encoder"] = jax.tree_util.tree_map_with_path(
-      lambda path, _: not (trainable and trainable.search(optim.parameter_path(path))),
-      tower.params)
-  return frozen
-
-
-def _embed_split(embed_fn, state, split: features.FeatureSplit, batch_size: int,
-                 mesh: Mesh) -> dict[str, np.ndarray]:
-  speech, text = [], []
-  for batch, valid in feature_pipeline.eval_batches(split, batch_size, mesh,
-                                                    drop_remainder=False):
-    zspeech, ztext = embed_fn(state, batch)
-    zspeech, ztext = multihost_utils.process_allgather((zspeech, ztext), tiled=True)
-    speech.append(np.asarray(zspeech)[:valid])
-    text.append(np.asarray(ztext)[:valid])
-  return {
-      "speech": np.concatenate(speech),
-      "text": np.concatenate(text),
-      "category": split.label_names("category"),
-      "language": split.label_names("language"),
-  }
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
   # ---------------------------------------------------------------- Mesh and config checks.
@@ -128,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def load_split(name: str) -> features.FeatureSplit:
     split = features.load_split(config.data, name)
     if tower is not None:
-      _tokenize_split(split, name, tower)
+      tokenize_split(split, name, tower)
     return split
 
   train_split = load_split("train")
@@ -160,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   frozen = optim.frozen_mask(params, config.frozen_params)
   if tower is not None:
     params["text_encoder"] = tower.params  # Pretrained weights replace the random init.
-    frozen = _freeze_text_tower(frozen, tower, config.text.trainable_top_layers)
+    frozen = freeze_text_tower(frozen, tower, config.text.trainable_top_layers)
   tx, schedule = optim.make_optimizer(config, params, total_steps=total_steps,
                                       steps_per_epoch=steps_per_epoch, frozen=frozen)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -215,8 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     embedded = {}
     for name, (evaluator, split) in evaluators.items():
       if split not in embedded:
-        embedded[split] = _embed_split(embed_fn, state, eval_splits[split],
-                                       config.eval_batch_size, mesh)
+        embedded[split] = embed_feature_split(functools.partial(embed_fn, state),
+                                              eval_splits[split], config.eval_batch_size, mesh)
       for metric, value in evaluator.run(embedded[split]):
         results[f"{name}/{metric}"] = float(value)
     return results
@@ -273,7 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_eval = evaluate(state)
       writer.write_scalars(step, last_eval)
       summary = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
-                          if k == "val/loss" or k.endswith(("hits@1", "mrr")))
+                          if k == "val/loss" or (k.endswith(("/hits@1", "/mrr")) and
+                                                 k.count("/") == 2))
       logging.info("eval at step %d: %s", step, summary)
       monitored = last_eval.get(config.early_stopping.metric)
       if monitored is None:
