@@ -116,12 +116,15 @@ def _power_to_db(power: jax.Array, valid: jax.Array, ref: Reference, amin: float
     raise ValueError(f"ref must be a number or 'max', got {ref!r}")
   else:
     ref_value = jnp.abs(jnp.float32(ref))
-  log_spec = 10.0 * jnp.log10(jnp.maximum(amin, power))
-  log_spec = log_spec - 10.0 * jnp.log10(jnp.maximum(amin, ref_value))
+  ref_db = 10.0 * jnp.log10(jnp.maximum(amin, ref_value))
+  log_spec = 10.0 * jnp.log10(jnp.maximum(amin, power)) - ref_db
+  # Padded frames get the value digital silence has in this clip: amin, or the top_db floor.
+  silence = 10.0 * np.log10(amin) - ref_db
   if top_db is not None:
-    log_spec = jnp.maximum(log_spec, _masked_max(log_spec, valid) - top_db)
-  floor = -_masked_max(-log_spec, valid)
-  return jnp.where(valid, log_spec, floor)
+    floor = _masked_max(log_spec, valid) - top_db
+    log_spec = jnp.maximum(log_spec, floor)
+    silence = jnp.maximum(silence, floor)
+  return jnp.where(valid, log_spec, silence)
 
 
 def power_to_db(power: jax.Array, frame_mask: jax.Array | None = None, *, ref: Reference = 1.0,
@@ -129,8 +132,8 @@ def power_to_db(power: jax.Array, frame_mask: jax.Array | None = None, *, ref: R
   """librosa.power_to_db per clip: 10 log10(max(amin, S) / max(amin, ref)), floored at max - top_db.
 
   `power` is (batch, freq, frames). `ref="max"` is librosa's `ref=np.max`, taken per clip
-  over valid frames. Padded frames are set to the clip's minimum valid value (its silence
-  floor) so a CNN sees silence there.
+  over valid frames. Padded frames get the value that digital silence has in that clip
+  (max(amin, top_db floor)), so a CNN sees silence there.
   """
   power = jnp.asarray(power, jnp.float32)
   if frame_mask is None:
@@ -250,7 +253,7 @@ class FrontEnd:
     # Work in the FFT's (batch, frames, freq) layout and transpose only the final real image:
     # transposing the complex spectrum would move twice the bytes.
     valid = frame_mask[:, :, None]
-    power = jnp.square(jnp.abs(spectrum))
+    power = jnp.square(spectrum.real) + jnp.square(spectrum.imag)  # |S|^2 without the sqrt
     if self.kind == "stft_db":
       amin = 1e-5 if self.amin is None else self.amin
       power_ref = self.ref if self.ref == "max" else float(self.ref) ** 2

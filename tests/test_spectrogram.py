@@ -129,17 +129,22 @@ def test_complex_stft_matches_librosa_and_frame_count():
   np.testing.assert_allclose(np.asarray(spectrum[0]), expected, atol=2e-4 * np.abs(expected).max())
 
 
-def test_per_clip_reductions_ignore_padding():
-  """ref='max' and top_db use each clip's own valid frames: a loud padded-away tail and a
-  louder neighbour in the batch change nothing."""
+@pytest.mark.parametrize("ref,top_db", [("max", 80.0), (1.0, 30.0), (1.0, None)])
+def test_per_clip_reductions_ignore_padding(ref, top_db):
+  """ref='max' and top_db use each clip's own valid frames: a loud neighbour in the batch
+  changes nothing, and padded frames hold what trailing digital silence gets from librosa."""
   quiet = 0.01 * _noise(20_000, seed=1)
   loud = 10.0 * _noise(30_000, seed=2)
-  front_end = spectrogram.FrontEnd(ref="max")
+  front_end = spectrogram.FrontEnd(ref=ref, top_db=top_db)
   together, frame_mask = front_end(np.stack([np.pad(quiet, (0, 10_000)), loud]), np.array([20_000, 30_000]))
   alone, _ = front_end(quiet[None])
   np.testing.assert_allclose(_valid(together, frame_mask, 0), np.asarray(alone[0]), atol=1e-4)
   padded_values = np.asarray(together)[0][:, ~np.asarray(frame_mask)[0]]
-  assert padded_values.size and np.all(padded_values == _valid(together, frame_mask, 0).min())
+  with_silence = np.concatenate([quiet, np.zeros(8_192, np.float32)])
+  silence_db = librosa.amplitude_to_db(np.abs(librosa.stft(with_silence)), top_db=top_db,
+                                       ref=np.max if ref == "max" else ref)[:, -3]
+  assert padded_values.size and np.abs(padded_values - silence_db[0]).max() < MAX_DB_ERROR
+  assert np.ptp(silence_db) == 0  # librosa's silence frame is flat: one value to compare with
 
 
 def test_silence_is_finite_and_floored():
