@@ -42,7 +42,8 @@ class CtcVocabulary:
     folder = os.fspath(folder)
     vocab_path = os.path.join(folder, "vocab.json")
     if not os.path.exists(vocab_path):
-      raise VocabularyError(f"{folder}: no vocab.json (a CTC tokenizer vocabulary is needed to decode)")
+      raise VocabularyError(
+          f"{folder}: no vocab.json (a CTC tokenizer vocabulary is needed to decode)")
     with open(vocab_path, encoding="utf-8") as vocab_file:
       token_to_id = json.load(vocab_file)
     settings = {}
@@ -54,8 +55,8 @@ class CtcVocabulary:
       # Multilingual (MMS-style) vocabularies nest one table per language.
       language = settings.get("target_lang")
       if language not in token_to_id:
-        raise VocabularyError(f"{vocab_path}: per-language vocabulary; tokenizer_config.json must set "
-                              f"target_lang to one of {sorted(token_to_id)[:10]}")
+        raise VocabularyError(f"{vocab_path}: per-language vocabulary; tokenizer_config.json "
+                              f"must set target_lang to one of {sorted(token_to_id)[:10]}")
       token_to_id = token_to_id[language]
     id_to_token = {int(index): token for token, index in token_to_id.items()}
     for index, added in (settings.get("added_tokens_decoder") or {}).items():
@@ -72,7 +73,8 @@ class CtcVocabulary:
         do_lower_case=bool(settings.get("do_lower_case", False)),
     )
     if vocabulary.pad_token not in vocabulary.tokens:
-      raise VocabularyError(f"{vocab_path}: pad (CTC blank) token {vocabulary.pad_token!r} not in vocabulary")
+      raise VocabularyError(
+          f"{vocab_path}: pad (CTC blank) token {vocabulary.pad_token!r} not in vocabulary")
     return vocabulary
 
   def decode(self, token_ids: Sequence[int]) -> str:

@@ -84,15 +84,20 @@ def _stft_time_major(waveform: jax.Array, lengths: jax.Array | None, n_fft: int,
   frames = _frames(waveform, n_fft, hop_length, num_frames)  # (batch, frames, n_fft)
   frames = frames * jnp.asarray(stft_window(window, n_fft, win_length))
   spectrum = jnp.fft.rfft(frames, axis=-1)  # (batch, frames, freq)
-  frame_mask = jnp.arange(num_frames)[None] < frame_count(lengths, n_fft, hop_length, center)[:, None]
+  valid_frames = frame_count(lengths, n_fft, hop_length, center)
+  frame_mask = jnp.arange(num_frames)[None] < valid_frames[:, None]
   return spectrum, frame_mask
 
 
-@functools.partial(jax.jit, static_argnames=("n_fft", "hop_length", "win_length", "window", "center"))
+@functools.partial(jax.jit,
+                   static_argnames=("n_fft", "hop_length", "win_length", "window", "center"))
 def stft(waveform: jax.Array, lengths: jax.Array | None = None, *, n_fft: int = 2048,
          hop_length: int | None = None, win_length: int | None = None, window: str = "hann",
          center: bool = True) -> tuple[jax.Array, jax.Array]:
-  """Complex STFT as librosa.stft: (batch, samples) -> (batch, 1 + n_fft // 2, frames), frame_mask."""
+  """Complex STFT as librosa.stft.
+
+  (batch, samples) -> ((batch, 1 + n_fft // 2, frames) complex64, (batch, frames) frame_mask).
+  """
   spectrum, frame_mask = _stft_time_major(waveform, lengths, n_fft, hop_length, win_length, window,
                                           center)
   return jnp.swapaxes(spectrum, 1, 2), frame_mask
@@ -142,7 +147,8 @@ def power_to_db(power: jax.Array, frame_mask: jax.Array | None = None, *, ref: R
 
 
 def amplitude_to_db(magnitude: jax.Array, frame_mask: jax.Array | None = None, *,
-                    ref: Reference = 1.0, amin: float = 1e-5, top_db: float | None = 80.0) -> jax.Array:
+                    ref: Reference = 1.0, amin: float = 1e-5,
+                    top_db: float | None = 80.0) -> jax.Array:
   """librosa.amplitude_to_db: power_to_db(|S|^2, ref=ref^2, amin=amin^2, top_db)."""
   magnitude = jnp.abs(jnp.asarray(magnitude))
   power_ref = ref if ref == "max" else float(ref) ** 2
@@ -160,8 +166,8 @@ def hz_to_mel(frequencies: np.ndarray, htk: bool = False) -> np.ndarray:
   log_step = np.log(6.4) / 27.0
   mels = frequencies / linear_step
   above = frequencies >= min_log_hz
-  return np.where(above, min_log_mel + np.log(np.maximum(frequencies, min_log_hz) / min_log_hz) / log_step,
-                  mels)
+  log_mels = min_log_mel + np.log(np.maximum(frequencies, min_log_hz) / min_log_hz) / log_step
+  return np.where(above, log_mels, mels)
 
 
 def mel_to_hz(mels: np.ndarray, htk: bool = False) -> np.ndarray:

@@ -60,7 +60,8 @@ def list_audio_inputs(input_path: str | os.PathLike) -> list[str]:
                    if name.lower().endswith(AUDIO_EXTENSIONS))
     paths.sort()
     if not paths:
-      raise InputListError(f"{input_path}: folder holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+      raise InputListError(
+          f"{input_path}: folder holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     return paths
   if not os.path.exists(input_path):
     raise InputListError(f"{input_path}: no such file or folder")
@@ -83,7 +84,8 @@ class ReadFailure:
 
 
 def read_clips(paths: Iterable[str], sample_rate: int, min_samples: int,
-               prepare: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[str, np.ndarray | ReadFailure]]:
+               prepare: Callable[[np.ndarray], np.ndarray]
+               ) -> Iterator[tuple[str, np.ndarray | ReadFailure]]:
   """Yields (path, prepared waveform) or (path, ReadFailure) in order, never raising per file."""
   for path in paths:
     try:
@@ -123,7 +125,8 @@ class Progress:
     now = time.monotonic()
     if force or now - self.last >= self.interval:
       rate = done / max(now - self.start, 1e-9)
-      print(f"{self.verb} {done}/{self.total} files ({rate:.1f} files/s)", file=self.stream, flush=True)
+      print(f"{self.verb} {done}/{self.total} files ({rate:.1f} files/s)", file=self.stream,
+            flush=True)
       self.last = now
 
 
@@ -283,8 +286,8 @@ def report_failures(failures: list[ReadFailure], skip_bad: bool, program: str) -
   if skip_bad:
     print(f"skipped {len(failures)} bad file(s)", file=sys.stderr)
     return 0
-  print(f"{program}: {len(failures)} bad file(s), nothing written; rerun with --skip_bad to skip them",
-        file=sys.stderr)
+  print(f"{program}: {len(failures)} bad file(s), nothing written; "
+        "rerun with --skip_bad to skip them", file=sys.stderr)
   return 1
 
 
@@ -295,7 +298,8 @@ def _new_flag_values() -> flags.FlagValues:
                       "paths go to the same name with .paths.txt.", flag_values=flag_values)
   flags.DEFINE_integer("layer", None, "Mean-pool transformers' hidden_states[LAYER] instead of the "
                        "last hidden state: 0 is the transformer input, N the output of layer N "
-                       "(before the final layer norm of pre-LN models); negative counts from the end.",
+                       "(before the final layer norm of pre-LN models); negative counts from "
+                       "the end.",
                        flag_values=flag_values)
   return flag_values
 
@@ -317,7 +321,8 @@ def run(argv: list[str]) -> int:
     return 2
   try:
     paths = list_audio_inputs(flag_values.input)
-    checkpoint = speech_checkpoint.load(flag_values.encoder, dtype=dtype_from_flag(flag_values.dtype))
+    checkpoint = speech_checkpoint.load(flag_values.encoder,
+                                        dtype=dtype_from_flag(flag_values.dtype))
     result = embed_speech(checkpoint, paths, layer=flag_values.layer,
                           batch_size=flag_values.batch_size, skip_bad=flag_values.skip_bad,
                           peak_normalize=flag_values.peak_normalize)

@@ -73,11 +73,12 @@ def test_stft_db_matches_librosa(clips, settings):
   front_end = spectrogram.FrontEnd(**settings)
   images, frame_mask = jax.jit(front_end)(batch, lengths)
   for row, name in enumerate(names):
-    magnitude = np.abs(librosa.stft(clips[name], n_fft=front_end.n_fft, hop_length=front_end.hop_length,
+    magnitude = np.abs(librosa.stft(clips[name], n_fft=front_end.n_fft,
+                                    hop_length=front_end.hop_length,
                                     win_length=front_end.win_length, window=front_end.window,
                                     center=front_end.center))
-    expected = librosa.amplitude_to_db(magnitude, ref=np.max if front_end.ref == "max" else front_end.ref,
-                                       top_db=front_end.top_db)
+    ref = np.max if front_end.ref == "max" else front_end.ref
+    expected = librosa.amplitude_to_db(magnitude, ref=ref, top_db=front_end.top_db)
     got = _valid(images, frame_mask, row)
     assert got.shape == expected.shape, name
     assert np.abs(got - expected).max() <= MAX_DB_ERROR, name
@@ -136,7 +137,8 @@ def test_per_clip_reductions_ignore_padding(ref, top_db):
   quiet = 0.01 * _noise(20_000, seed=1)
   loud = 10.0 * _noise(30_000, seed=2)
   front_end = spectrogram.FrontEnd(ref=ref, top_db=top_db)
-  together, frame_mask = front_end(np.stack([np.pad(quiet, (0, 10_000)), loud]), np.array([20_000, 30_000]))
+  together, frame_mask = front_end(np.stack([np.pad(quiet, (0, 10_000)), loud]),
+                                   np.array([20_000, 30_000]))
   alone, _ = front_end(quiet[None])
   np.testing.assert_allclose(_valid(together, frame_mask, 0), np.asarray(alone[0]), atol=1e-4)
   padded_values = np.asarray(together)[0][:, ~np.asarray(frame_mask)[0]]

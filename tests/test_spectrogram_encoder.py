@@ -102,7 +102,8 @@ def test_default_output_is_1000_d_for_a_clasp_spectrogram():
   waveform = np.random.RandomState(0).randn(2, 4000).astype(np.float32)
   images, frame_mask = front_end(waveform, np.array([4000, 2500]))
   config = spectrogram_encoder.Config()
-  variables = jax.eval_shape(lambda: spectrogram_encoder.init_variables(config, bins=129, frames=63))
+  variables = jax.eval_shape(
+      lambda: spectrogram_encoder.init_variables(config, bins=129, frames=63))
   output = jax.eval_shape(spectrogram_encoder.Model(config).apply, variables, images, frame_mask)
   assert output.shape == (2, 1000)
 
@@ -114,7 +115,8 @@ def test_channel_and_depth_scaling_follow_efficientnet():
   # EfficientNet-B7 (width 2.0, depth 3.1): 64-channel stem, 2560-channel head, 4 -> 13 blocks.
   b7 = spectrogram_encoder.Config(width_multiplier=2.0, depth_multiplier=3.1)
   assert (b7.scaled_channels(32), b7.scaled_channels(1280), b7.scaled_repeats(4)) == (64, 2560, 13)
-  assert min(spectrogram_encoder.stage_channels(spectrogram_encoder.Config(width_multiplier=0.1))) == 8
+  narrow = spectrogram_encoder.Config(width_multiplier=0.1)
+  assert min(spectrogram_encoder.stage_channels(narrow)) == 8
 
 
 def test_parameter_count_grows_with_width_and_depth():

@@ -49,7 +49,8 @@ def encoder(tmp_path_factory):
   model.save_pretrained(folder)
   (folder / "vocab.json").write_text(json.dumps(VOCAB))
   transformers.Wav2Vec2CTCTokenizer(str(folder / "vocab.json")).save_pretrained(folder)
-  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False)
+  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True,
+                                                            return_attention_mask=False)
   feature_extractor.save_pretrained(folder)
   return model, feature_extractor, folder
 
@@ -105,7 +106,8 @@ def test_folder_embeddings_match_pytorch_per_clip(encoder, audio, tmp_path, caps
   model, feature_extractor, folder = encoder
   good, _ = audio
   output = tmp_path / "out" / "speech.npy"
-  assert run_embed(f"--encoder={folder}", f"--input={good}", f"--output={output}", "--batch_size=3") == 0
+  assert run_embed(f"--encoder={folder}", f"--input={good}", f"--output={output}",
+                   "--batch_size=3") == 0
   paths = good_paths(good)
   assert (tmp_path / "out" / "speech.paths.txt").read_text().splitlines() == paths
   embeddings = np.load(output)
@@ -122,7 +124,8 @@ def test_list_file_order_relative_paths_and_layer(encoder, audio, tmp_path):
   good, _ = audio
   paths = good_paths(good)[::-1]
   listing = good / "list.txt"  # relative entries are taken from the list file's folder
-  listing.write_text("# clips, newest first\n\n" + "\n".join(os.path.basename(p) for p in paths) + "\n")
+  names = "\n".join(os.path.basename(p) for p in paths)
+  listing.write_text("# clips, newest first\n\n" + names + "\n")
   output = tmp_path / "layer1.npy"
   try:
     assert run_embed(f"--encoder={folder}", f"--input={listing}", f"--output={output}",
@@ -153,7 +156,8 @@ def test_skip_bad_counts_and_keeps_good_rows(encoder, audio, tmp_path, capsys):
   _, _, folder = encoder
   good, mixed = audio
   output = tmp_path / "skipped.npy"
-  assert run_embed(f"--encoder={folder}", f"--input={mixed}", f"--output={output}", "--skip_bad") == 0
+  assert run_embed(f"--encoder={folder}", f"--input={mixed}", f"--output={output}",
+                   "--skip_bad") == 0
   assert "skipped 3 bad file(s)" in capsys.readouterr().err
   rows = (tmp_path / "skipped.paths.txt").read_text().splitlines()
   assert [os.path.basename(p) for p in rows] == [os.path.basename(p) for p in good_paths(good)]
@@ -184,7 +188,8 @@ def test_transcripts_match_pytorch_greedy_decoding(encoder, audio, tmp_path, cap
   model, feature_extractor, folder = encoder
   good, _ = audio
   tokenizer = transformers.Wav2Vec2CTCTokenizer.from_pretrained(folder)
-  assert transcribe.run(["transcribe", f"--encoder={folder}", f"--input={good}", "--batch_size=2"]) == 0
+  assert transcribe.run(["transcribe", f"--encoder={folder}", f"--input={good}",
+                         "--batch_size=2"]) == 0
   lines = capsys.readouterr().out.splitlines()
   paths = good_paths(good)
   assert [line.split("\t")[0] for line in lines] == paths

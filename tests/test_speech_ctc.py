@@ -17,7 +17,8 @@ VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "E": 5, "T": 6, "A
 def tokenizer_folder(request, tmp_path_factory):
   folder = tmp_path_factory.mktemp("tokenizer")
   (folder / "vocab.json").write_text(json.dumps(VOCAB))
-  tokenizer = transformers.Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), do_lower_case=request.param)
+  tokenizer = transformers.Wav2Vec2CTCTokenizer(str(folder / "vocab.json"),
+                                                do_lower_case=request.param)
   tokenizer.save_pretrained(folder)
   return tokenizer, folder
 
@@ -28,8 +29,8 @@ def test_decode_matches_transformers_batch_decode(tokenizer_folder):
   assert vocabulary.blank_id == 0 and len(vocabulary.tokens) == len(VOCAB)
   rng = np.random.RandomState(0)
   # Blank-heavy frame sequences like real CTC output, with repeats and delimiters.
-  sequences = [rng.choice(len(VOCAB), size=rng.randint(0, 40),
-                          p=[0.4] + [0.6 / (len(VOCAB) - 1)] * (len(VOCAB) - 1)) for _ in range(200)]
+  blank_heavy = [0.4] + [0.6 / (len(VOCAB) - 1)] * (len(VOCAB) - 1)
+  sequences = [rng.choice(len(VOCAB), size=rng.randint(0, 40), p=blank_heavy) for _ in range(200)]
   sequences += [np.array([4, 4, 6, 6, 0, 6, 11, 5, 4, 0, 4, 7, 9, 4]), np.array([0, 0, 0])]
   expected = [tokenizer.decode(sequence.tolist()) for sequence in sequences]
   assert [vocabulary.decode(sequence.tolist()) for sequence in sequences] == expected

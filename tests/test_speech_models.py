@@ -61,7 +61,8 @@ def randomise_norms(model, seed):
   with torch.no_grad():
     for name, tensor in model.named_parameters():
       if "norm" in name:
-        tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+        centre = 1.0 if name.endswith("weight") else 0.0
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3 + centre)
 
 
 def padded_batch(seed=0):
@@ -70,11 +71,17 @@ def padded_batch(seed=0):
   return waveform * mask, mask
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}-{'stable' if v[2] else 'post'}-{'bias' if v[3] else 'nobias'}")
+def _variant_id(variant):
+  model_type, norm, stable, bias, _ = variant
+  return f"{model_type}-{norm}-{'stable' if stable else 'post'}-{'bias' if bias else 'nobias'}"
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=_variant_id)
 def ctc_checkpoint(request, tmp_path_factory):
   model_type, norm, stable, bias, extra = request.param
   torch.manual_seed(0)
-  model = ctc_model_class(model_type)(tiny_hf_config(model_type, norm, stable, bias, **extra)).eval()
+  config = tiny_hf_config(model_type, norm, stable, bias, **extra)
+  model = ctc_model_class(model_type)(config).eval()
   randomise_norms(model, seed=1)
   folder = tmp_path_factory.mktemp(f"{model_type}_{norm}")
   model.save_pretrained(folder)
@@ -123,9 +130,10 @@ def test_parity_with_padding(ctc_checkpoint):
   waveform, mask = padded_batch()
   outputs = flax_forward(checkpoint, waveform, LENGTHS)
   with torch.no_grad():
-    reference = torch_model(torch.tensor(waveform), attention_mask=torch.tensor(mask.astype(np.int64)))
+    attention_mask = torch.tensor(mask.astype(np.int64))
+    reference = torch_model(torch.tensor(waveform), attention_mask=attention_mask)
     base = getattr(torch_model, checkpoint.config.model_type)(
-        torch.tensor(waveform), attention_mask=torch.tensor(mask.astype(np.int64)))
+        torch.tensor(waveform), attention_mask=attention_mask)
   assert max_diff(outputs["logits"], reference.logits) < TOLERANCE
   assert max_diff(outputs["last_hidden_state"], base.last_hidden_state) < TOLERANCE
   expected_frames = torch_model._get_feat_extract_output_lengths(torch.tensor(LENGTHS)).numpy()
@@ -141,10 +149,11 @@ def test_padded_rows_equal_clips_alone(ctc_checkpoint):
   outputs = flax_forward(checkpoint, waveform, LENGTHS)
   for row, length in enumerate(LENGTHS):
     with torch.no_grad():
-      alone = getattr(torch_model, checkpoint.config.model_type)(torch.tensor(waveform[row:row + 1, :length]))
-    frames = alone.last_hidden_state.shape[1]
-    assert max_diff(outputs["last_hidden_state"][row, :frames], alone.last_hidden_state[0]) < TOLERANCE
-    assert max_diff(outputs["pooled"][row], alone.last_hidden_state[0].mean(0)) < TOLERANCE
+      base_model = getattr(torch_model, checkpoint.config.model_type)
+      alone = base_model(torch.tensor(waveform[row:row + 1, :length])).last_hidden_state[0]
+    frames = alone.shape[0]
+    assert max_diff(outputs["last_hidden_state"][row, :frames], alone) < TOLERANCE
+    assert max_diff(outputs["pooled"][row], alone.mean(0)) < TOLERANCE
 
 
 def test_mask_time_indices_use_masked_spec_embed(ctc_checkpoint):
@@ -174,7 +183,8 @@ def test_bare_encoder_checkpoint_loads_without_head(tmp_path):
   with torch.no_grad():
     reference = model(torch.tensor(waveform)).last_hidden_state
   assert max_diff(outputs["last_hidden_state"], reference) < TOLERANCE
-  with pytest.raises(speech_checkpoint.CheckpointError, match=r"missing tensor\(s\): lm_head.weight"):
+  with pytest.raises(speech_checkpoint.CheckpointError,
+                     match=r"missing tensor\(s\): lm_head.weight"):
     speech_checkpoint.load(tmp_path, with_ctc_head=True)
 
 
@@ -220,15 +230,16 @@ def _rewrite_safetensors(folder, edit):
 
 def test_missing_tensor_is_named(tmp_path):
   _save_tiny_ctc(tmp_path)
-  _rewrite_safetensors(tmp_path, lambda t: t.pop("wav2vec2.encoder.layers.1.attention.k_proj.bias"))
-  with pytest.raises(speech_checkpoint.CheckpointError,
-                     match=r"1 missing tensor\(s\): wav2vec2.encoder.layers.1.attention.k_proj.bias"):
+  name = "wav2vec2.encoder.layers.1.attention.k_proj.bias"
+  _rewrite_safetensors(tmp_path, lambda tensors: tensors.pop(name))
+  with pytest.raises(speech_checkpoint.CheckpointError, match=rf"1 missing tensor\(s\): {name}"):
     speech_checkpoint.load(tmp_path)
 
 
 def test_unused_tensor_is_named(tmp_path):
   _save_tiny_ctc(tmp_path)
-  _rewrite_safetensors(tmp_path, lambda t: t.update({"wav2vec2.quantizer.codevectors": np.zeros((1, 4, 8), np.float32)}))
+  extra = {"wav2vec2.quantizer.codevectors": np.zeros((1, 4, 8), np.float32)}
+  _rewrite_safetensors(tmp_path, lambda tensors: tensors.update(extra))
   with pytest.raises(speech_checkpoint.CheckpointError,
                      match=r"1 unused tensor\(s\): wav2vec2.quantizer.codevectors"):
     speech_checkpoint.load(tmp_path)
@@ -262,7 +273,8 @@ def test_sharded_safetensors(tmp_path):
   tensors = safetensors_numpy.load_file(str(tmp_path / "model.safetensors"))
   os.remove(tmp_path / "model.safetensors")
   names = sorted(tensors)
-  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
   weight_map = {}
   for shard, shard_names in shards.items():
     safetensors_numpy.save_file({n: tensors[n] for n in shard_names}, str(tmp_path / shard))
@@ -271,7 +283,8 @@ def test_sharded_safetensors(tmp_path):
   waveform, _ = padded_batch()
   with torch.no_grad():
     reference = model(torch.tensor(waveform)).logits
-  assert max_diff(flax_forward(speech_checkpoint.load(tmp_path), waveform)["logits"], reference) < TOLERANCE
+  outputs = flax_forward(speech_checkpoint.load(tmp_path), waveform)
+  assert max_diff(outputs["logits"], reference) < TOLERANCE
 
 
 def _random_state_dict(model, seed):
@@ -295,7 +308,8 @@ def test_reference_checkpoint_shapes_instantiate_and_run(name):
   preset = wav2vec2.PRESETS[name]
   config_class = {"hubert": transformers.HubertConfig, "wav2vec2": transformers.Wav2Vec2Config}
   with torch.device("meta"):
-    torch_model = ctc_model_class(preset["model_type"])(config_class[preset["model_type"]](**preset))
+    hf_config = config_class[preset["model_type"]](**preset)
+    torch_model = ctc_model_class(preset["model_type"])(hf_config)
   torch_model = _random_state_dict(torch_model, seed=0)
   config = wav2vec2.Config.from_hf_dict(preset)
   assert (config.hidden_size, config.num_hidden_layers) == (
@@ -321,9 +335,10 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_bfloat16_compute_stays_close(tiny_checkpoint):
   waveform, _ = padded_batch()
-  float32 = jax.jit(tiny_checkpoint.model.apply)({"params": tiny_checkpoint.params}, waveform, LENGTHS)
+  variables = {"params": tiny_checkpoint.params}
+  float32 = jax.jit(tiny_checkpoint.model.apply)(variables, waveform, LENGTHS)
   bf16_model = wav2vec2.Model(tiny_checkpoint.config, dtype=jnp.bfloat16)
-  bfloat16 = jax.jit(bf16_model.apply)({"params": tiny_checkpoint.params}, waveform, LENGTHS)
+  bfloat16 = jax.jit(bf16_model.apply)(variables, waveform, LENGTHS)
   assert bfloat16["last_hidden_state"].dtype == jnp.bfloat16
   reference = np.asarray(float32["pooled"])
   relative = np.abs(np.asarray(bfloat16["pooled"]) - reference).max() / np.abs(reference).max()
@@ -354,8 +369,9 @@ def test_training_mode_applies_dropout_and_layerdrop(tiny_checkpoint):
 
   @functools.partial(jax.jit, static_argnums=1)
   def pooled(seed, deterministic):
-    return model.apply({"params": tiny_checkpoint.params}, waveform, LENGTHS,
-                       deterministic=deterministic, rngs={"dropout": jax.random.PRNGKey(seed)})["pooled"]
+    outputs = model.apply({"params": tiny_checkpoint.params}, waveform, LENGTHS,
+                          deterministic=deterministic, rngs={"dropout": jax.random.PRNGKey(seed)})
+    return outputs["pooled"]
 
   run = lambda seed, deterministic: np.asarray(pooled(seed, deterministic))
 

@@ -122,7 +122,8 @@ class SqueezeExcitation(nn.Module):
     mask = _time_mask(lengths, images.shape[2])
     count = jnp.maximum(lengths.astype(jnp.float32) * images.shape[1], 1.0)[:, None, None, None]
     pooled = jnp.sum(images.astype(jnp.float32) * mask, axis=(1, 2), keepdims=True) / count
-    gates = nn.swish(nn.Conv(self.reduced_channels, (1, 1), dtype=self.dtype, name="reduce")(pooled))
+    gates = nn.Conv(self.reduced_channels, (1, 1), dtype=self.dtype, name="reduce")(pooled)
+    gates = nn.swish(gates)
     gates = nn.sigmoid(nn.Conv(images.shape[-1], (1, 1), dtype=self.dtype, name="expand")(gates))
     return images * gates
 

@@ -140,7 +140,8 @@ def tensor_mapping(config: wav2vec2.Config, prefix: str) -> list[TensorRule]:
     for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
       linear(f"{flax_layer}/attention/{projection}", f"{layer}.attention.{projection}")
     layer_norm(f"{flax_layer}/layer_norm", f"{layer}.layer_norm")
-    linear(f"{flax_layer}/feed_forward/intermediate_dense", f"{layer}.feed_forward.intermediate_dense")
+    linear(f"{flax_layer}/feed_forward/intermediate_dense",
+           f"{layer}.feed_forward.intermediate_dense")
     linear(f"{flax_layer}/feed_forward/output_dense", f"{layer}.feed_forward.output_dense")
     layer_norm(f"{flax_layer}/final_layer_norm", f"{layer}.final_layer_norm")
 
@@ -238,7 +239,7 @@ def convert_state_dict(state_dict: Mapping[str, Array], config: wav2vec2.Config,
 def _read_safetensors(path: str) -> dict[str, Array]:
   # The flax reader keeps bfloat16 tensors intact (numpy has no bfloat16 of its own).
   from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
-  return {name: np.asarray(jnp.asarray(value, jnp.float32)) for name, value in load_file(path).items()}
+  return {name: np.asarray(value.astype(jnp.float32)) for name, value in load_file(path).items()}
 
 
 def _read_torch_bin(path: str) -> dict[str, Array]:
@@ -250,7 +251,8 @@ def _read_torch_bin(path: str) -> dict[str, Array]:
   try:
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:  # torch raises several unrelated types for unsafe or bad files.
-    raise CheckpointError(f"{path}: cannot read as a weights-only PyTorch state dict ({error})") from None
+    raise CheckpointError(
+        f"{path}: cannot read as a weights-only PyTorch state dict ({error})") from None
   return {name: tensor.detach().float().numpy() for name, tensor in state_dict.items()}
 
 
@@ -274,7 +276,8 @@ def read_state_dict(folder: str) -> dict[str, Array]:
     for shard_name in shard_names:
       state_dict.update(reader(os.path.join(folder, shard_name)))
     return state_dict
-  raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin (or their index) found")
+  raise CheckpointError(
+      f"{folder}: no model.safetensors or pytorch_model.bin (or their index) found")
 
 
 def read_json(folder: str, file_name: str) -> dict | None:
@@ -312,6 +315,10 @@ def load(folder: str | os.PathLike, *, with_ctc_head: bool | None = None, dtype:
     config = wav2vec2.Config.from_hf_dict(hf_config, with_ctc_head=with_ctc_head)
   except ValueError as error:
     raise CheckpointError(f"{folder}/config.json: {error}") from None
+  # SpecAugment's embedding is saved whenever training used it, even where an inference
+  # config later set mask_time_prob to 0: the file, not the flag, says whether it exists.
+  config = dataclasses.replace(config, has_masked_spec_embed=any(
+      name.endswith("masked_spec_embed") for name in state_dict))
   params = convert_state_dict(state_dict, config, source=folder)
   preprocessing = Preprocessing.from_hf_dict(read_json(folder, "preprocessor_config.json") or {})
   model = wav2vec2.Model(config, dtype=dtype, remat=remat,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -82,16 +82,16 @@ class Config:
   feat_proj_layer_norm: bool = True
   # Present in checkpoints trained with SpecAugment (mask_time_prob or mask_feature_prob > 0).
   has_masked_spec_embed: bool = True
-  # CTC head size; None for a bare encoder (`HubertModel` / `Wav2Vec2Model`).
+  # CTC head size; None for a bare encoder (`HubertModel` / `Wav2Vec2Model`). The CTC blank
+  # is the tokenizer's pad token (see clasp_jax.ctc), not a model setting.
   ctc_vocab_size: int | None = None
-  # The CTC blank, which is the tokenizer's pad token in these checkpoints.
-  pad_token_id: int = 0
 
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
       raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
     if self.feat_extract_norm not in ("group", "layer"):
-      raise ValueError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
+      raise ValueError(
+          f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
     if not len(self.conv_dim) == len(self.conv_stride) == len(self.conv_kernel):
       raise ValueError("conv_dim, conv_stride and conv_kernel must have the same length, got "
                        f"{len(self.conv_dim)}, {len(self.conv_stride)}, {len(self.conv_kernel)}")
@@ -152,9 +152,9 @@ class Config:
         num_conv_pos_embedding_groups=field_value("num_conv_pos_embedding_groups"),
         do_stable_layer_norm=field_value("do_stable_layer_norm"),
         feat_proj_layer_norm=(model_type == "wav2vec2" or hf.get("feat_proj_layer_norm", True)),
-        has_masked_spec_embed=(hf.get("mask_time_prob", 0.05) > 0 or hf.get("mask_feature_prob", 0.0) > 0),
+        has_masked_spec_embed=(hf.get("mask_time_prob", 0.05) > 0
+                               or hf.get("mask_feature_prob", 0.0) > 0),
         ctc_vocab_size=hf.get("vocab_size", 32) if with_ctc_head else None,
-        pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
     )
 
   def frame_lengths(self, waveform_lengths):
@@ -262,8 +262,9 @@ class FeatureEncoder(nn.Module):
     for index, (dim, kernel, stride) in enumerate(
         zip(config.conv_dim, config.conv_kernel, config.conv_stride)):
       block = f"conv_layers_{index}"
-      features = nn.Conv(dim, (kernel,), strides=(stride,), padding="VALID",
-                         use_bias=config.conv_bias, dtype=self.dtype, name=f"{block}_conv")(features)
+      conv = nn.Conv(dim, (kernel,), strides=(stride,), padding="VALID",
+                     use_bias=config.conv_bias, dtype=self.dtype, name=f"{block}_conv")
+      features = conv(features)
       if lengths is not None:
         lengths = (lengths - kernel) // stride + 1
       if config.feat_extract_norm == "layer":
@@ -272,7 +273,8 @@ class FeatureEncoder(nn.Module):
         frame_mask = None
         if lengths is not None and self.group_norm_valid_frames_only:
           frame_mask = lengths_to_mask(lengths, features.shape[1])
-        features = ChannelGroupNorm(dtype=self.dtype, name=f"{block}_layer_norm")(features, frame_mask)
+        group_norm = ChannelGroupNorm(dtype=self.dtype, name=f"{block}_layer_norm")
+        features = group_norm(features, frame_mask)
       features = act(features)
     return features
 
@@ -469,15 +471,18 @@ class Model(nn.Module):
       frame_mask = lengths_to_mask(config.frame_lengths(waveform_lengths), frames)
 
     if config.feat_proj_layer_norm:
-      features = _layer_norm(config.layer_norm_eps, self.dtype, "feature_projection_layer_norm")(features)
-    hidden = nn.Dense(config.hidden_size, dtype=self.dtype, name="feature_projection_projection")(features)
+      features = _layer_norm(config.layer_norm_eps, self.dtype,
+                             "feature_projection_layer_norm")(features)
+    hidden = nn.Dense(config.hidden_size, dtype=self.dtype,
+                      name="feature_projection_projection")(features)
     hidden = nn.Dropout(config.feat_proj_dropout)(hidden, deterministic=deterministic)
 
     if config.has_masked_spec_embed:
       masked_spec_embed = self.param("masked_spec_embed", nn.initializers.uniform(1.0),
                                      (config.hidden_size,))
       if mask_time_indices is not None:
-        hidden = jnp.where(mask_time_indices[..., None], masked_spec_embed.astype(hidden.dtype), hidden)
+        hidden = jnp.where(mask_time_indices[..., None], masked_spec_embed.astype(hidden.dtype),
+                           hidden)
     elif mask_time_indices is not None:
       raise ValueError("mask_time_indices needs a checkpoint with masked_spec_embed")
 
@@ -494,29 +499,21 @@ class Model(nn.Module):
       outputs["hidden_states"] = hidden_states
     if config.ctc_vocab_size is not None:
       head_input = nn.Dropout(config.final_dropout)(hidden, deterministic=deterministic)
-      outputs["logits"] = nn.Dense(config.ctc_vocab_size, dtype=self.dtype, name="lm_head")(head_input)
+      lm_head = nn.Dense(config.ctc_vocab_size, dtype=self.dtype, name="lm_head")
+      outputs["logits"] = lm_head(head_input)
     return outputs
 
 
-def init_params(config: Config, rng: jax.Array | None = None, num_samples: int = 400) -> dict:
+def init_params(config: Config, rng: jax.Array | None = None) -> dict:
   """Random parameters (for tests, benchmarks and training from scratch)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  waveform = jnp.zeros((1, max(num_samples, receptive_field(config))), jnp.float32)
-  return Model(config).init(rng, waveform)["params"]
+  waveform = jnp.zeros((1, receptive_field(config)), jnp.float32)  # one frame is enough
+  return jax.jit(lambda rng: Model(config).init(rng, waveform))(rng)["params"]
 
 
 def receptive_field(config: Config) -> int:
-  """Samples needed for one output frame of the feature encoder."""
+  """Samples needed for one output frame of the feature encoder (400 = 25 ms at 16 kHz)."""
   field = 1
   for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
     field = (field - 1) * stride + kernel
   return field
-
-
-def parameter_count(params) -> int:
-  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
-
-
-def hidden_state_layers(config: Config) -> Sequence[int]:
-  """Valid `layer` indices for `hidden_states`: 0 (encoder input) .. num_hidden_layers."""
-  return range(config.num_hidden_layers + 1)
