@@ -5,8 +5,14 @@ r"""Retrieval evaluation of paired speech/text embeddings with the paper's proto
       [--duplicates_as_hits] [--breakdowns=category,language,source] [--cross_lingual=fr:en]
   python -m clasp_jax.evaluate --workdir=TRAIN_DIR --split=test --output=metrics.json [...]
 
+  python -m clasp_jax.evaluate --baseline=asr --data=DATASET_DIR --split=test \
+      --speech_encoder=HF_CTC_DIR --text_encoder=SENTENCE_DIR --output=metrics.json [...]
+
 With --workdir, the newest checkpoint of a training run embeds the split of its own data
-config (or of --features, a feature folder) and those embeddings are evaluated.
+config (or of --features, a feature folder) and those embeddings are evaluated. With
+--baseline=asr, the paper's ASR cascade is evaluated on a built speech-text dataset
+(python -m clasp_jax.data.build): each clip is transcribed by greedy CTC decoding and the
+transcript, like the reference text, is embedded by the sentence encoder.
 
 The .npz file holds `speech` and `text` (N x d floats, row i of each is a pair) and optionally
 `category`, `language`, `source` (N strings), `text_id` (N ids; equal ids mark duplicate
@@ -43,10 +49,21 @@ _EMBEDDINGS = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A training workdir: embed --split with its newest checkpoint instead of "
     "reading --embeddings.")
-_SPLIT = flags.DEFINE_string("split", "test", "With --workdir: the split to embed.")
+_SPLIT = flags.DEFINE_string("split", "test", "With --workdir or --baseline: the split.")
 _FEATURES = flags.DEFINE_string(
     "features", "", "With --workdir: a feature folder to read --split from instead of the "
     "workdir config's data.")
+_BASELINE = flags.DEFINE_enum(
+    "baseline", None, ["asr"], "asr: evaluate the ASR cascade (CTC transcript -> sentence "
+    "encoder) on --data instead of reading --embeddings.")
+_DATA = flags.DEFINE_list(
+    "data", None, "With --baseline: built speech-text dataset folder(s), concatenated.")
+_SPEECH_ENCODER = flags.DEFINE_string(
+    "speech_encoder", None, "With --baseline=asr: a HuBERT/wav2vec2 *ForCTC folder.")
+_TEXT_ENCODER = flags.DEFINE_string(
+    "text_encoder", None, "With --baseline=asr: a sentence-transformers folder (LaBSE).")
+_TRANSCRIPTS = flags.DEFINE_string(
+    "transcripts", None, "With --baseline=asr: also write ID<TAB>TRANSCRIPT<TAB>TEXT lines here.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file to write every metric to.")
 _PROTOCOL = flags.DEFINE_enum(
     "protocol", "hard", protocols.PROTOCOLS,
@@ -112,6 +129,25 @@ def _embed_from_workdir() -> dict[str, np.ndarray]:
   return arrays
 
 
+def _embed_asr_cascade() -> dict[str, np.ndarray]:
+  from clasp_jax import asr_baseline  # Speech and text towers are only needed here.
+  from clasp_jax.data import reader
+  from clasp_jax.models import speech_checkpoint
+  try:
+    split = reader.open_split(_DATA.value, _SPLIT.value)
+    arrays, transcripts = asr_baseline.cascade_embeddings(
+        split, speech_encoder=_SPEECH_ENCODER.value, text_encoder=_TEXT_ENCODER.value,
+        progress=lambda line: logging.info("%s", line))
+  except (ValueError, OSError, speech_checkpoint.CheckpointError) as error:
+    raise protocols.InputError(str(error)) from error
+  if _TRANSCRIPTS.value:
+    with open(_TRANSCRIPTS.value, "w", encoding="utf-8") as f:
+      for index, transcript in enumerate(transcripts):
+        record = split[index]
+        f.write(f"{record['id']}\t{transcript}\t{record['text']}\n")
+  return arrays
+
+
 def _blocking() -> scoring.Blocking:
   try:
     return scoring.make_blocking(_BLOCK_ROWS.value, _BLOCK_COLS.value, _CHUNK_ROWS.value,
@@ -146,9 +182,15 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
   }
   if _EMBEDDINGS.value:
     settings["settings/embeddings"] = os.path.abspath(_EMBEDDINGS.value)
-  else:
+  elif _WORKDIR.value:
     settings["settings/workdir"] = os.path.abspath(_WORKDIR.value)
     settings["settings/split"] = _SPLIT.value
+  else:
+    settings["settings/baseline"] = _BASELINE.value
+    settings["settings/data"] = ",".join(os.path.abspath(d) for d in _DATA.value)
+    settings["settings/split"] = _SPLIT.value
+    settings["settings/speech_encoder"] = os.path.abspath(_SPEECH_ENCODER.value)
+    settings["settings/text_encoder"] = os.path.abspath(_TEXT_ENCODER.value)
   if protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
@@ -159,8 +201,13 @@ def run(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 2
-  if bool(_EMBEDDINGS.value) == bool(_WORKDIR.value) or not _OUTPUT.value:
-    print("error: --output and exactly one of --embeddings and --workdir are required",
+  sources = [bool(_EMBEDDINGS.value), bool(_WORKDIR.value), bool(_BASELINE.value)]
+  if sum(sources) != 1 or not _OUTPUT.value:
+    print("error: --output and exactly one of --embeddings, --workdir and --baseline are "
+          "required", file=sys.stderr)
+    return 2
+  if _BASELINE.value and not (_DATA.value and _SPEECH_ENCODER.value and _TEXT_ENCODER.value):
+    print("error: --baseline=asr needs --data, --speech_encoder and --text_encoder",
           file=sys.stderr)
     return 2
   started = time.perf_counter()
@@ -172,8 +219,10 @@ def run(argv: list[str]) -> int:
     if _EMBEDDINGS.value:
       logging.info("reading %s", _EMBEDDINGS.value)
       arrays = load_embeddings(_EMBEDDINGS.value)
-    else:
+    elif _WORKDIR.value:
       arrays = _embed_from_workdir()
+    else:
+      arrays = _embed_asr_cascade()
     # The arrays were just made for this run, so they are normalised where they lie.
     corpus = protocols.Corpus.from_mapping(arrays, normalize=_NORMALIZE.value, in_place=True,
                                            strict=True)
