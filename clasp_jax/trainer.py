@@ -166,12 +166,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_splits[split] = load_split(split)
     evaluators[name] = (get_evaluator_class(eval_config.type)(eval_config, mesh=mesh), split)
 
-  def evaluate(state) -> dict[str, float]:
+  def evaluate(state, step: int, final: bool) -> dict[str, float]:
+    """Validation loss, then each evaluator due at `step` (all of them at the end)."""
     losses = [eval_loss_fn(state, batch) for batch, _ in feature_pipeline.eval_batches(
         eval_splits["validation"], config.eval_batch_size, mesh, drop_remainder=True)]
     results = {"val/loss": float(np.mean(jax.device_get(losses)))}
     embedded = {}
     for name, (evaluator, split) in evaluators.items():
+      every = config.evals[name].get("every_steps", 0) or eval_every
+      if step % every and not final:
+        continue
       if split not in embedded:
         embedded[split] = embed_feature_split(functools.partial(embed_fn, state),
                                               eval_splits[split], config.eval_batch_size, mesh)
@@ -228,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       window, window_start, window_first_step = [], time.perf_counter(), step
 
     if step % eval_every == 0 or step == total_steps:
-      last_eval = evaluate(state)
+      last_eval = evaluate(state, step, final=step == total_steps)
       writer.write_scalars(step, last_eval)
       summary = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
                           if k == "val/loss" or (k.endswith(("/hits@1", "/mrr")) and

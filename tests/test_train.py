@@ -57,9 +57,15 @@ def _final_params(workdir):
 
 
 def test_tiny_run_learns_and_logs(tmp_path):
-  config = tiny_config(total_steps=120, eval_every_steps=60, log_every_steps=20)
+  config = tiny_config(total_steps=150, eval_every_steps=50, log_every_steps=25)
+  config.evals.rare = {"type": "retrieval", "split": "test", "protocol": "soft",
+                       "num_candidates": 10, "every_steps": 100}
   results = trainer.train_and_evaluate(config, str(tmp_path))
   records = _jsonl(tmp_path / "metrics.jsonl")
+  # The 'rare' evaluator runs at multiples of its every_steps, and at the end.
+  rare_steps = [r["step"] for r in records if "rare/speech_to_text/hits@1" in r]
+  assert rare_steps == [100, 150]
+  assert [r["step"] for r in records if "val/speech_to_text/hits@1" in r] == [50, 100, 150]
   train_losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert train_losses[-1] < 0.8 * train_losses[0]
   chance = 1 / config.data.num_validation
@@ -70,7 +76,7 @@ def test_tiny_run_learns_and_logs(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == config.batch_size
   overview = (tmp_path / "parameters.txt").read_text()
   assert "speech_encoder/mix/linear_0/kernel" in overview and "total" in overview
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "120"]  # keep 2, every 20.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["140", "150"]  # keep 2, every 20.
 
 
 def _train_state(config, mesh):
