@@ -220,3 +220,15 @@ def test_module_entry_points_print_help(module):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stderr
   assert "--[no]skip_bad" in result.stdout and "--encoder" in result.stdout
+
+
+@pytest.mark.parametrize("do_normalize", [True, False])
+def test_preprocessing_follows_the_feature_extractor_config(do_normalize):
+  from clasp_jax.models import speech_checkpoint  # pylint: disable=g-import-not-at-top
+  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize)
+  preprocessing = speech_checkpoint.Preprocessing.from_hf_dict(feature_extractor.to_dict())
+  assert preprocessing.do_normalize == do_normalize and preprocessing.sampling_rate == 16_000
+  waveform = (0.3 * np.random.RandomState(0).randn(5000) + 0.1).astype(np.float32)
+  expected = feature_extractor(waveform, sampling_rate=16_000).input_values[0]
+  np.testing.assert_allclose(preprocessing.apply(waveform), expected, atol=1e-5)
+  assert np.isfinite(preprocessing.apply(np.zeros(4000, np.float32))).all()
