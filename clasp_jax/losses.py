@@ -19,7 +19,7 @@ LOSSES = ("softmax", "sigmoid")
 def _gather(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   """All embeddings of the global batch, and the global indices of this device's rows."""
   local_count = x.shape[0]
-  if axis_name is None:
+  if axis_name is None or jax.lax.axis_size(axis_name) == 1:
     return x, jnp.arange(local_count)
   gathered = jax.lax.all_gather(x, axis_name, tiled=True)  # (devices * n, d)
   offset = jax.lax.axis_index(axis_name) * local_count

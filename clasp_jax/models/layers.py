@@ -53,7 +53,8 @@ class BatchNorm(nn.Module):
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     if train:
-      synchronise = self.axis_name is not None and not self.is_initializing()
+      synchronise = (self.axis_name is not None and not self.is_initializing() and
+                     jax.lax.axis_size(self.axis_name) > 1)
       count = inputs.shape[0]
       mean = jnp.mean(inputs, axis=0)
       if synchronise:
