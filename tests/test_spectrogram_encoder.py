@@ -19,13 +19,8 @@ TINY = spectrogram_encoder.Config(
             spectrogram_encoder.StageSpec(6, 24, 2, 2, 5)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA's optimisation passes cost more than they save on these tiny graphs; restored after."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# XLA's optimisation passes cost more than they save on these tiny graphs (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _spectrograms(batch=3, bins=20, frames=30, seed=0):

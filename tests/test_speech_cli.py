@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -23,13 +22,8 @@ VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "E": 5, "T": 6, "A
          "N": 9, "'": 10, "H": 11}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA's optimisation passes cost more than they save on these tiny graphs; restored after."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# XLA's optimisation passes cost more than they save on these tiny graphs (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,8 @@ from clasp_jax.models import wav2vec2  # pylint: disable=g-import-not-at-top
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA's optimisation passes cost more than they save on these tiny graphs; restored after."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# XLA's optimisation passes cost more than they save on these tiny graphs (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 NUM_SAMPLES = 2000
