@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import audio_io
+from clasp_jax import compilation
 from clasp_jax.models import speech_checkpoint
 from clasp_jax.models import wav2vec2
 
@@ -193,13 +194,14 @@ def make_embedding_forward(checkpoint: speech_checkpoint.SpeechCheckpoint, layer
       raise ValueError(f"--layer must be in [{-num_states}, {num_states - 1}] for a "
                        f"{checkpoint.config.num_hidden_layers}-layer encoder, got {layer}")
 
-  @jax.jit
   def embed(params, waveform, lengths):
     outputs = checkpoint.model.apply({"params": params}, waveform, lengths,
                                      output_hidden_states=layer is not None)
     if layer is None:
       return outputs["pooled"]
     return wav2vec2.masked_mean(outputs["hidden_states"][layer], outputs["frame_mask"])
+
+  embed = compilation.jit_transformer_inference(embed)
 
   def forward(batch, lengths):
     return list(np.asarray(embed(checkpoint.params, jnp.asarray(batch), jnp.asarray(lengths)),

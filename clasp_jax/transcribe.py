@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import compilation
 from clasp_jax import ctc
 from clasp_jax import speech_embedding
 from clasp_jax.models import speech_checkpoint
@@ -37,11 +38,12 @@ def make_transcribe_forward(checkpoint: speech_checkpoint.SpeechCheckpoint,
   """A (batch, lengths) -> list of transcripts function around one jitted forward pass."""
   require_ctc_head(checkpoint)
 
-  @jax.jit
   def logits_fn(params, waveform, lengths):
     outputs = checkpoint.model.apply({"params": params}, waveform, lengths)
     # Argmax on the device: only (batch, frames) ids come back to the host.
     return jnp.argmax(outputs["logits"], axis=-1), outputs["frame_mask"]
+
+  logits_fn = compilation.jit_transformer_inference(logits_fn)
 
   def forward(batch, lengths):
     best, frame_mask = logits_fn(checkpoint.params, jnp.asarray(batch), jnp.asarray(lengths))

@@ -214,16 +214,27 @@ def test_compilations_are_bounded_by_buckets(xlmr_dir):
   batch_size = 8
   shapes = {ids.shape for _, ids, _ in tower.batches(sentences, batch_size)}
   # Lengths only from the bucket ladder, rows only full batches or powers of two.
-  assert {length for _, length in shapes} <= set(tower.buckets) == {16, 24, 30}
+  assert {length for _, length in shapes} <= set(tower.buckets) == {16, 20, 24, 28, 30}
   assert {rows for rows, _ in shapes} <= {1, 2, 4, 8}
-  before = text_tower._encode_batch._cache_size()
+  before = text_tower.batch_encoder()._cache_size()
   tower.embed(sentences, batch_size=batch_size)
-  compiled = text_tower._encode_batch._cache_size() - before
+  compiled = text_tower.batch_encoder()._cache_size() - before
   assert compiled <= len(shapes) <= len(tower.buckets) * 4
   # The same lengths in another order: the same shapes, no new compilation.
   tower.embed([sentences[index] for index in rng.permutation(len(sentences))],
               batch_size=batch_size)
-  assert text_tower._encode_batch._cache_size() - before == compiled
+  assert text_tower.batch_encoder()._cache_size() - before == compiled
+
+
+@pytest.mark.parametrize("max_length", [16, 30, 128, 256, 512])
+def test_bucket_ladder_bounds_padding_and_shape_count(max_length):
+  buckets = text_tower.bucket_lengths(max_length)
+  assert buckets[-1] == max_length and list(buckets) == sorted(set(buckets))
+  assert len(buckets) <= 21
+  for length in range(1, max_length + 1):
+    padded = min(bucket for bucket in buckets if bucket >= length)
+    # At most a quarter of padding past 32 tokens (buckets step by a quarter of a doubling).
+    assert padded <= max(16, length + 4, length * 5 // 4)
 
 
 def test_data_parallel_embedding_matches_single_device(labse_dir):

@@ -23,26 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Hugging Face `hidden_act` names -> JAX functions. "gelu" is the exact (erf) GELU in
-# transformers; the tanh approximation goes by the other names.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_python": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
+from clasp_jax.models import activations
+from clasp_jax.models import attention
 
 # model_type in config.json -> does it count positions past the padding index?
 SUPPORTED_MODEL_TYPES = {"bert": False, "roberta": True, "xlm-roberta": True}
@@ -82,9 +71,7 @@ class BertConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads "
                        f"{self.num_heads}")
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: "
-                       f"{sorted(ACTIVATIONS)}")
+    activations.hf_activation(self.hidden_act)  # Rejects names the tower does not implement.
     if self.precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
@@ -173,27 +160,16 @@ class SelfAttention(nn.Module):
   def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *,
                deterministic: bool) -> jax.Array:
     config = self.config
-    batch, length, _ = hidden.shape
     dense = lambda name: nn.Dense(config.hidden_size, dtype=config.dtype,
                                   precision=config.matmul_precision, name=name)
-    split_heads = lambda x: x.reshape(batch, length, config.num_heads, config.head_dim)
-    query = split_heads(dense("query")(hidden))
-    key = split_heads(dense("key")(hidden))
-    value = split_heads(dense("value")(hidden))
-
-    # (b, q, h, d) . (b, k, h, d) -> (b, h, q, k)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=config.matmul_precision)
-    scores = scores.astype(jnp.float32) * (config.head_dim ** -0.5)
-    # Padded keys get the lowest float, so their softmax weight is exactly zero; a row whose
-    # keys are all padding (batch filler) becomes uniform instead of NaN.
-    key_is_token = attention_mask[:, None, None, :].astype(bool)
-    scores = jnp.where(key_is_token, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(config.dtype)
-    weights = nn.Dropout(config.attention_dropout)(weights, deterministic=deterministic)
-    # (b, h, q, k) . (b, k, h, d) -> (b, q, h, d)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value, precision=config.matmul_precision)
-    context = context.reshape(batch, length, config.hidden_size)
-
+    query, key, value = attention.fused_dense(
+        hidden, [attention.DenseParams(config.hidden_size, name=name)
+                 for name in ("query", "key", "value")],
+        dtype=config.dtype, precision=config.matmul_precision)
+    context = attention.multi_head_attention(
+        query, key, value, attention_mask, config.num_heads, precision=config.matmul_precision,
+        dropout=lambda weights: nn.Dropout(config.attention_dropout)(
+            weights, deterministic=deterministic))
     attended = dense("output")(context)
     attended = nn.Dropout(config.hidden_dropout)(attended, deterministic=deterministic)
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, name="layer_norm")(
@@ -210,7 +186,7 @@ class FeedForward(nn.Module):
     config = self.config
     expanded = nn.Dense(config.intermediate_size, dtype=config.dtype,
                         precision=config.matmul_precision, name="intermediate")(hidden)
-    expanded = ACTIVATIONS[config.hidden_act](expanded)
+    expanded = activations.hf_activation(config.hidden_act)(expanded)
     projected = nn.Dense(config.hidden_size, dtype=config.dtype,
                          precision=config.matmul_precision, name="output")(expanded)
     projected = nn.Dropout(config.hidden_dropout)(projected, deterministic=deterministic)

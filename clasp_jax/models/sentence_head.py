@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax.models import activations
 from clasp_jax.models import bert
 from clasp_jax.models.bert_weights import CheckpointError, read_folder_tensors
 
@@ -40,7 +41,7 @@ DENSE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "Identity": lambda x: x,
     "Tanh": jnp.tanh,
     "ReLU": nn.relu,
-    "GELU": lambda x: nn.gelu(x, approximate=False),
+    "GELU": activations.gelu_exact,
     "Sigmoid": nn.sigmoid,
     "SiLU": nn.silu,
     "LeakyReLU": lambda x: nn.leaky_relu(x, negative_slope=0.01),

@@ -30,26 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax.models import activations
+from clasp_jax.models import attention
+
 # Checkpoint prefixes of the two model families in Hugging Face `*ForCTC` checkpoints.
 MODEL_TYPES = ("hubert", "wav2vec2")
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
 def activation(name: str):
   """Maps a Hugging Face `hidden_act` name to the same function in JAX."""
-  if name not in _ACTIVATIONS:
-    raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
-  return _ACTIVATIONS[name]
+  return activations.hf_activation(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,21 +311,15 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: jax.Array, frame_mask: jax.Array | None, deterministic: bool):
-    batch, frames, width = hidden.shape
-    head_dim = width // self.num_heads
+    width = hidden.shape[-1]
     dense = functools.partial(nn.Dense, width, dtype=self.dtype)
-    split = lambda x: x.reshape(batch, frames, self.num_heads, head_dim)
-    query = split(dense(name="q_proj")(hidden))
-    key = split(dense(name="k_proj")(hidden))
-    value = split(dense(name="v_proj")(hidden))
-    # (b, q, h, d) . (b, k, h, d) -> (b, h, q, k)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * head_dim**-0.5
-    if frame_mask is not None:
-      logits = jnp.where(frame_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    # (b, h, q, k) . (b, k, h, d) -> (b, q, h, d)
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, frames, width)
+    projections = [attention.DenseParams(width, name=name)
+                   for name in ("q_proj", "k_proj", "v_proj")]
+    query, key, value = attention.fused_dense(hidden, projections, dtype=self.dtype)
+    context = attention.multi_head_attention(
+        query, key, value, frame_mask, self.num_heads,
+        dropout=lambda weights: nn.Dropout(self.dropout_rate)(weights,
+                                                              deterministic=deterministic))
     return dense(name="out_proj")(context)
 
 
