@@ -104,29 +104,34 @@ def stft(waveform: jax.Array, lengths: jax.Array | None = None, *, n_fft: int = 
 
 
 def _masked_max(values: jax.Array, valid: jax.Array) -> jax.Array:
-  """Per-clip max over the valid entries of a 3-D (batch, ., .) array: (batch, 1, 1)."""
-  return jnp.max(jnp.where(valid, values, -jnp.inf), axis=(1, 2), keepdims=True)
+  """Per-clip max of non-negative `values` over valid entries of a 3-D array: (batch, 1, 1).
+
+  Zero where a clip has no valid entry; 0 is below every power, so it never wins otherwise.
+  """
+  return jnp.max(jnp.where(valid, values, 0.0), axis=(1, 2), keepdims=True)
 
 
 def _power_to_db(power: jax.Array, valid: jax.Array, ref: Reference, amin: float,
                  top_db: float | None) -> jax.Array:
-  """power_to_db on any 3-D layout; `valid` broadcasts against `power`."""
+  """power_to_db on any 3-D layout; `valid` broadcasts against `power`.
+
+  One reduction over the power and one elementwise pass: the top_db floor comes from the
+  largest power (dB is monotonic in power), not from a second pass over the dB values.
+  """
   if amin <= 0:
     raise ValueError(f"amin must be positive, got {amin}")
   if top_db is not None and top_db < 0:
     raise ValueError(f"top_db must be non-negative, got {top_db}")
-  if ref == "max":
-    ref_value = _masked_max(power, valid)
-  elif isinstance(ref, str):
+  if isinstance(ref, str) and ref != "max":
     raise ValueError(f"ref must be a number or 'max', got {ref!r}")
-  else:
-    ref_value = jnp.abs(jnp.float32(ref))
-  ref_db = 10.0 * jnp.log10(jnp.maximum(amin, ref_value))
-  log_spec = 10.0 * jnp.log10(jnp.maximum(amin, power)) - ref_db
+  to_db = lambda x: 10.0 * jnp.log10(jnp.maximum(amin, x))
+  largest = _masked_max(power, valid) if (ref == "max" or top_db is not None) else None
+  ref_db = to_db(largest) if ref == "max" else to_db(jnp.abs(jnp.float32(ref)))
+  log_spec = to_db(power) - ref_db
   # Padded frames get the value digital silence has in this clip: amin, or the top_db floor.
   silence = 10.0 * np.log10(amin) - ref_db
   if top_db is not None:
-    floor = _masked_max(log_spec, valid) - top_db
+    floor = to_db(largest) - ref_db - top_db
     log_spec = jnp.maximum(log_spec, floor)
     silence = jnp.maximum(silence, floor)
   return jnp.where(valid, log_spec, silence)
