@@ -26,10 +26,6 @@ import time
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import clasp_jax  # noqa: F401  First: its host allocator settings must precede JAX's backend.
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,4 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   app.run(main)
