@@ -174,8 +174,9 @@ class TextTower:
 
     for indices, input_ids, attention_mask in self.batches(texts, batch_size, row_multiple):
       # Dispatch is asynchronous: the next batch is padded and sent while this one runs.
-      in_flight.append((indices, batch_encoder()(self.model, params, put_batch(input_ids),
-                                               put_batch(attention_mask))))
+      encoded = batch_encoder()(self.model, params, put_batch(input_ids),
+                                put_batch(attention_mask))
+      in_flight.append((indices, encoded))
       if len(in_flight) > 2:
         collect()
     while in_flight:

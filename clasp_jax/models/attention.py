@@ -1,8 +1,8 @@
 """Scaled dot-product attention over heads, with a key padding mask.
 
 Shared by the text (BERT) and speech (HuBERT/wav2vec2) transformers. The heads are moved in
-front of the sequence axis before the two batched matmuls: XLA's CPU backend runs that layout
-1.7x faster than einsums over (batch, length, heads, dim) operands, and GPUs/TPUs lose nothing.
+front of the sequence axis before the two batched matmuls: XLA's CPU backend ran that form
+1.7x faster than einsums over (batch, length, heads, dim) operands (MiniLM, 64 x 32 tokens).
 """
 
 from __future__ import annotations

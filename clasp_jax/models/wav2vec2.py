@@ -36,6 +36,7 @@ from clasp_jax.models import attention
 # Checkpoint prefixes of the two model families in Hugging Face `*ForCTC` checkpoints.
 MODEL_TYPES = ("hubert", "wav2vec2")
 
+
 def activation(name: str):
   """Maps a Hugging Face `hidden_act` name to the same function in JAX."""
   return activations.hf_activation(name)
