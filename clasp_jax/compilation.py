@@ -3,9 +3,9 @@
 On CPU, XLA hands dots and the elementwise work around them to YNNPACK as fused subgraphs. For
 transformer layers (dense -> LayerNorm -> dense -> GELU -> dense) those fusions run slower than
 XLA's own loop fusions around plain dots: for all-MiniLM-L6-v2 on a 2-core CPU, batches of
-64 x 16 tokens took the same time, 64 x 32 7% and 64 x 64 20% less without them. The option is set per jitted
-function, not process-wide, because the small fusion-encoder train step is faster with the
-fusions (benchmarks/train_step.py); other backends get no options.
+64 x 16 tokens took the same time, 64 x 32 7% and 64 x 64 20% less without them. The option
+is set per jitted function, not process-wide, because the small fusion-encoder train step is
+faster with the fusions (benchmarks/train_step.py); other backends get no options.
 """
 
 from __future__ import annotations
