@@ -151,6 +151,21 @@ class Embeddings(nn.Module):
     return nn.Dropout(config.hidden_dropout)(hidden, deterministic=deterministic)
 
 
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=config.dtype, precision=config.matmul_precision, name=name)
+
+
+def _output_block(config: BertConfig, projected: jax.Array, residual: jax.Array,
+                  deterministic: bool) -> jax.Array:
+  """Dropout, residual add, LayerNorm: the post-LN ending of both sub-layers (BertOutput).
+
+  Called from a compact method, so the LayerNorm's parameters sit under that sub-layer.
+  """
+  projected = nn.Dropout(config.hidden_dropout)(projected, deterministic=deterministic)
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, name="layer_norm")(
+      projected + residual)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a post-LN residual block (BertAttention)."""
 
@@ -160,8 +175,6 @@ class SelfAttention(nn.Module):
   def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *,
                deterministic: bool) -> jax.Array:
     config = self.config
-    dense = lambda name: nn.Dense(config.hidden_size, dtype=config.dtype,
-                                  precision=config.matmul_precision, name=name)
     query, key, value = attention.fused_dense(
         hidden, [attention.DenseParams(config.hidden_size, name=name)
                  for name in ("query", "key", "value")],
@@ -170,10 +183,8 @@ class SelfAttention(nn.Module):
         query, key, value, attention_mask, config.num_heads, precision=config.matmul_precision,
         dropout=lambda weights: nn.Dropout(config.attention_dropout)(
             weights, deterministic=deterministic))
-    attended = dense("output")(context)
-    attended = nn.Dropout(config.hidden_dropout)(attended, deterministic=deterministic)
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, name="layer_norm")(
-        attended + hidden)
+    return _output_block(config, _dense(config, config.hidden_size, "output")(context), hidden,
+                         deterministic)
 
 
 class FeedForward(nn.Module):
@@ -184,14 +195,10 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, hidden: jax.Array, *, deterministic: bool) -> jax.Array:
     config = self.config
-    expanded = nn.Dense(config.intermediate_size, dtype=config.dtype,
-                        precision=config.matmul_precision, name="intermediate")(hidden)
+    expanded = _dense(config, config.intermediate_size, "intermediate")(hidden)
     expanded = activations.hf_activation(config.hidden_act)(expanded)
-    projected = nn.Dense(config.hidden_size, dtype=config.dtype,
-                         precision=config.matmul_precision, name="output")(expanded)
-    projected = nn.Dropout(config.hidden_dropout)(projected, deterministic=deterministic)
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, name="layer_norm")(
-        projected + hidden)
+    return _output_block(config, _dense(config, config.hidden_size, "output")(expanded), hidden,
+                         deterministic)
 
 
 class TransformerLayer(nn.Module):
@@ -226,8 +233,7 @@ class Pooler(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:
-    return jnp.tanh(nn.Dense(self.config.hidden_size, dtype=self.config.dtype,
-                             precision=self.config.matmul_precision, name="dense")(hidden[:, 0]))
+    return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(hidden[:, 0]))
 
 
 class BertModel(nn.Module):
