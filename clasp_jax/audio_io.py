@@ -16,20 +16,37 @@ import soundfile
 TARGET_SAMPLE_RATE = 16_000
 
 
-class AudioReadError(Exception):
-  """An audio file that cannot be used; `kind` says why (for counted skips)."""
+class UnusableInputError(Exception):
+  """A file that cannot be used; `kind` (one of the subclass' KINDS) says why, for counted skips.
 
-  KINDS = ("missing", "empty", "undecodable")
+  The message is "PATH: <what> (detail)", where `describe(kind)` gives <what>.
+  """
+
+  KINDS: tuple[str, ...] = ()
 
   def __init__(self, path: str, kind: str, detail: str = ""):
     assert kind in self.KINDS, kind
     self.path = os.fspath(path)
     self.kind = kind
     self.detail = detail
-    message = f"{self.path}: {kind} audio file"
+    message = f"{self.path}: {self.describe(kind)}"
     if detail:
       message += f" ({detail})"
     super().__init__(message)
+
+  @staticmethod
+  def describe(kind: str) -> str:
+    return kind
+
+
+class AudioReadError(UnusableInputError):
+  """An audio file that cannot be read."""
+
+  KINDS = ("missing", "empty", "undecodable")
+
+  @staticmethod
+  def describe(kind: str) -> str:
+    return f"{kind} audio file"
 
 
 def to_mono(audio: np.ndarray) -> np.ndarray:

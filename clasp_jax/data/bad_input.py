@@ -45,18 +45,10 @@ CONVERT_KINDS = (RESAMPLED, DOWNMIXED)
 _MAGIC_PREFIXES = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b".snd", b"caff")
 
 
-class BadInputError(Exception):
+class BadInputError(audio_io.UnusableInputError):
   """An input the policy rejects; `kind` is one of SKIP_KINDS."""
 
-  def __init__(self, path: str, kind: str, detail: str = ""):
-    assert kind in SKIP_KINDS, kind
-    self.path = os.fspath(path)
-    self.kind = kind
-    self.detail = detail
-    message = f"{self.path}: {kind}"
-    if detail:
-      message += f" ({detail})"
-    super().__init__(message)
+  KINDS = SKIP_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
