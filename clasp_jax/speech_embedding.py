@@ -27,6 +27,7 @@ import numpy as np
 
 from clasp_jax import audio_io
 from clasp_jax import compilation
+from clasp_jax.models import precision
 from clasp_jax.models import speech_checkpoint
 from clasp_jax.models import wav2vec2
 
@@ -254,6 +255,9 @@ def define_common_flags(flag_values: flags.FlagValues) -> None:
                     "CLASP did (silent clips are left silent).", flag_values=flag_values)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the encoder.",
                     flag_values=flag_values)
+  flags.DEFINE_enum("precision", "highest", list(precision.NAMES),
+                    "Matmul precision on GPU/TPU; 'highest' matches PyTorch float32, 'default' "
+                    "rounds to tf32/bf16 (no effect on CPU).", flag_values=flag_values)
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str], doc: str) -> list[str] | int:
@@ -324,7 +328,8 @@ def run(argv: list[str]) -> int:
   try:
     paths = list_audio_inputs(flag_values.input)
     checkpoint = speech_checkpoint.load(flag_values.encoder,
-                                        dtype=dtype_from_flag(flag_values.dtype))
+                                        dtype=dtype_from_flag(flag_values.dtype),
+                                        precision=flag_values.precision)
     result = embed_speech(checkpoint, paths, layer=flag_values.layer,
                           batch_size=flag_values.batch_size, skip_bad=flag_values.skip_bad,
                           peak_normalize=flag_values.peak_normalize)

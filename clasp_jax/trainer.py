@@ -31,6 +31,7 @@ from clasp_jax.evaluators import get_evaluator_class
 from clasp_jax.losses import LOSSES
 from clasp_jax.metric_writer import MetricWriter
 from clasp_jax.models.clasp import model_from_config
+from clasp_jax.models import precision
 from clasp_jax.models.fusion import FUSIONS, MODES
 
 
@@ -38,6 +39,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   checks = [
       (config.model.fusion in FUSIONS, f"config.model.fusion must be one of {FUSIONS}"),
       (config.model.mode in MODES, f"config.model.mode must be one of {MODES}"),
+      (config.model.precision in precision.NAMES,
+       f"config.model.precision must be one of {precision.NAMES}"),
       (config.loss.kind in LOSSES, f"config.loss.kind must be one of {LOSSES}"),
       (config.batch_size > 0 and config.eval_batch_size > 0, "batch sizes must be positive"),
       (config.batch_size % num_devices == 0,

@@ -99,7 +99,8 @@ def run(argv: list[str]) -> int:
   try:
     paths = speech_embedding.list_audio_inputs(flag_values.input)
     checkpoint = speech_checkpoint.load(flag_values.encoder,
-                                        dtype=speech_embedding.dtype_from_flag(flag_values.dtype))
+                                        dtype=speech_embedding.dtype_from_flag(flag_values.dtype),
+                                        precision=flag_values.precision)
     result = transcribe(checkpoint, paths, batch_size=flag_values.batch_size,
                         skip_bad=flag_values.skip_bad, peak_normalize=flag_values.peak_normalize)
   except (speech_embedding.InputListError, speech_checkpoint.CheckpointError, ValueError,

@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.branch_hidden = (768, 576)
   config.model.branch_dropout = (0.15, 0.1)
   config.model.fusion_hidden = (1024, 800)
+  # Matmul precision on GPU/TPU: 'highest' computes as PyTorch's float32 does (the fusion
+  # encoder is small, so it costs little); 'default' rounds inputs to tf32/bf16.
+  config.model.precision = "highest"
 
   # Text tower: '' uses the precomputed text embeddings of the data (the paper: LaBSE, frozen).
   # A sentence-transformers folder runs that encoder on the data's sentences instead, frozen

@@ -32,16 +32,10 @@ import jax.numpy as jnp
 
 from clasp_jax.models import activations
 from clasp_jax.models import attention
+from clasp_jax.models import precision
 
 # model_type in config.json -> does it count positions past the padding index?
 SUPPORTED_MODEL_TYPES = {"bert": False, "roberta": True, "xlm-roberta": True}
-
-PRECISIONS = {
-    "default": jax.lax.Precision.DEFAULT,
-    "high": jax.lax.Precision.HIGH,
-    "highest": jax.lax.Precision.HIGHEST,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -72,8 +66,7 @@ class BertConfig:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads "
                        f"{self.num_heads}")
     activations.hf_activation(self.hidden_act)  # Rejects names the tower does not implement.
-    if self.precision not in PRECISIONS:
-      raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+    precision.validate(self.precision)
 
   @property
   def head_dim(self) -> int:
@@ -86,7 +79,7 @@ class BertConfig:
 
   @property
   def matmul_precision(self) -> jax.lax.Precision:
-    return PRECISIONS[self.precision]
+    return precision.lax_precision(self.precision)
 
   @classmethod
   def from_hf(cls, hf_config: Mapping[str, Any], **overrides) -> BertConfig:

@@ -44,6 +44,7 @@ class ClaspModel(nn.Module):
   use_bias: bool = False
   bias_init: float = 0.0
   axis_name: str | None = None
+  precision: str = "highest"
   text_encoder: nn.Module | None = None  # A SentenceEncoder; its parameters: 'text_encoder/'.
 
   @nn.compact
@@ -51,7 +52,8 @@ class ClaspModel(nn.Module):
     speech_encoder = FusionEncoder(
         fusion=self.fusion, mode=self.mode, embed_dim=self.embed_dim,
         branch_hidden=self.branch_hidden, branch_dropout=self.branch_dropout,
-        fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, name="speech_encoder")
+        fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision,
+        name="speech_encoder")
     speech_embedding = speech_encoder(batch.get("speech"), batch.get("spectrogram"), train=train)
     zspeech = l2_normalize(speech_embedding)
     if self.text_encoder is None:
@@ -89,6 +91,8 @@ def model_from_config(model_config: ml_collections.ConfigDict, loss_config: ml_c
       branch_hidden=tuple(model_config.branch_hidden),
       branch_dropout=tuple(model_config.branch_dropout),
       fusion_hidden=tuple(model_config.fusion_hidden),
+      # Workdirs written before the field existed computed at "highest" on CPU alike.
+      precision=model_config.get("precision", "highest"),
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,

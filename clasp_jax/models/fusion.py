@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clasp_jax.models import precision
 from clasp_jax.models.layers import BatchNorm, Linear, leaky_relu
 
 FUSIONS = ("concat", "gated")
@@ -87,6 +88,8 @@ class FusionEncoder(nn.Module):
   """Maps (speech features, spectrogram features) to an un-normalised speech embedding.
 
   `mode` selects the ablation: both branches fused ('joint'), or one branch alone.
+  `precision` names the matmul precision (`clasp_jax.models.precision`): "highest" computes
+  as PyTorch's float32 does on every backend.
   """
 
   fusion: str = "concat"
@@ -96,8 +99,10 @@ class FusionEncoder(nn.Module):
   branch_dropout: Sequence[float] = (0.15, 0.1)
   fusion_hidden: Sequence[int] = (1024, 800)
   axis_name: str | None = None
+  precision: str = "highest"
 
   def setup(self):
+    precision.validate(self.precision)
     if self.fusion not in FUSIONS:
       raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
     if self.mode not in MODES:
@@ -117,9 +122,10 @@ class FusionEncoder(nn.Module):
 
   def __call__(self, speech: jax.Array | None, spectrogram: jax.Array | None, *,
                train: bool) -> jax.Array:
-    if self.mode == "speech":
-      return self.speech_branch(speech, train=train)
-    if self.mode == "spectrogram":
-      return self.spectrogram_branch(spectrogram, train=train)
-    return self.mix(self.speech_branch(speech, train=train),
-                    self.spectrogram_branch(spectrogram, train=train), train=train)
+    with precision.scope(self.precision):
+      if self.mode == "speech":
+        return self.speech_branch(speech, train=train)
+      if self.mode == "spectrogram":
+        return self.spectrogram_branch(spectrogram, train=train)
+      return self.mix(self.speech_branch(speech, train=train),
+                      self.spectrogram_branch(spectrogram, train=train), train=train)

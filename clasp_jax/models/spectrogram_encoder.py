@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clasp_jax.models import precision
+
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
@@ -160,14 +162,22 @@ class MBConv(nn.Module):
 
 
 class Model(nn.Module):
-  """Spectrogram (batch, bins, frames) + frame mask -> (batch, output_dim) feature."""
+  """Spectrogram (batch, bins, frames) + frame mask -> (batch, output_dim) feature.
+
+  `precision` names the convolution and matmul precision (`clasp_jax.models.precision`).
+  """
 
   config: Config = Config()
   dtype: Any = jnp.float32
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, spectrogram: jax.Array, frame_mask: jax.Array | None = None, *,
                train: bool = False) -> jax.Array:
+    with precision.scope(self.precision):
+      return self._encode(spectrogram, frame_mask, train)
+
+  def _encode(self, spectrogram, frame_mask, train):
     config = self.config
     batch, _, frames = spectrogram.shape
     if frame_mask is None:

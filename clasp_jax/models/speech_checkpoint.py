@@ -292,7 +292,8 @@ def read_json(folder: str, file_name: str) -> dict | None:
 
 
 def load(folder: str | os.PathLike, *, with_ctc_head: bool | None = None, dtype: Any = jnp.float32,
-         remat: bool = False, group_norm_valid_frames_only: bool = True) -> SpeechCheckpoint:
+         remat: bool = False, group_norm_valid_frames_only: bool = True,
+         precision: str = "highest") -> SpeechCheckpoint:
   """Loads a HuBERT / wav2vec2 checkpoint folder into a Flax model and parameters.
 
   Args:
@@ -300,7 +301,7 @@ def load(folder: str | os.PathLike, *, with_ctc_head: bool | None = None, dtype:
     with_ctc_head: None keeps the CTC head exactly when the checkpoint has one. False on a
       CTC checkpoint is refused (its lm_head tensors would go unused); True on a bare
       encoder is refused (the head would be missing).
-    dtype, remat, group_norm_valid_frames_only: see `wav2vec2.Model`.
+    dtype, remat, group_norm_valid_frames_only, precision: see `wav2vec2.Model`.
   """
   folder = os.fspath(folder)
   if not os.path.isdir(folder):
@@ -322,6 +323,7 @@ def load(folder: str | os.PathLike, *, with_ctc_head: bool | None = None, dtype:
   params = convert_state_dict(state_dict, config, source=folder)
   preprocessing = Preprocessing.from_hf_dict(read_json(folder, "preprocessor_config.json") or {})
   model = wav2vec2.Model(config, dtype=dtype, remat=remat,
-                         group_norm_valid_frames_only=group_norm_valid_frames_only)
+                         group_norm_valid_frames_only=group_norm_valid_frames_only,
+                         precision=precision)
   return SpeechCheckpoint(model=model, params=params, config=config, preprocessing=preprocessing,
                           path=folder)

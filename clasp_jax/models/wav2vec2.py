@@ -32,6 +32,7 @@ import numpy as np
 
 from clasp_jax.models import activations
 from clasp_jax.models import attention
+from clasp_jax.models import precision
 
 # Checkpoint prefixes of the two model families in Hugging Face `*ForCTC` checkpoints.
 MODEL_TYPES = ("hubert", "wav2vec2")
@@ -419,12 +420,15 @@ class Model(nn.Module):
       parameters stay float32 and softmax/normalisation statistics run in float32).
     remat: recompute each transformer layer in the backward pass.
     group_norm_valid_frames_only: see the module docstring.
+    precision: matmul and convolution precision (`clasp_jax.models.precision`): "highest"
+      matches PyTorch float32 on GPU/TPU, "default" is faster there.
   """
 
   config: Config
   dtype: Any = jnp.float32
   remat: bool = False
   group_norm_valid_frames_only: bool = True
+  precision: str = "highest"
 
   @nn.compact
   def __call__(self, waveform: jax.Array, waveform_lengths: jax.Array | None = None, *,
@@ -446,6 +450,12 @@ class Model(nn.Module):
       bool, `pooled` (batch, hidden) mean over valid frames, `logits` (batch, frames,
       vocab) when the CTC head exists, and `hidden_states` when asked.
     """
+    with precision.scope(self.precision):
+      return self._encode(waveform, waveform_lengths, deterministic, output_hidden_states,
+                          mask_time_indices)
+
+  def _encode(self, waveform, waveform_lengths, deterministic, output_hidden_states,
+              mask_time_indices):
     config = self.config
     features = FeatureEncoder(config, self.dtype, self.group_norm_valid_frames_only,
                               name="feature_extractor")(waveform, waveform_lengths)
