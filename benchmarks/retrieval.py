@@ -19,6 +19,7 @@ memory of the process (`resource.getrusage`), which must stay under 4 GB.
 from __future__ import annotations
 
 import resource
+import os
 import sys
 import time
 
@@ -139,7 +140,8 @@ def speed() -> None:
   keys = np.arange(num)
   repeats = _REPEATS.value
   print(f"backend {jax.default_backend()} ({jax.device_count()} device(s): "
-        f"{jax.devices()[0].device_kind}), N = {num}, d = {dim}, best of {repeats}")
+        f"{jax.devices()[0].device_kind}), N = {num}, d = {dim}, best of {repeats}, "
+        f"{allocator.loaded_allocator()} malloc")
 
   jax_dot = jax.jit(lambda a, b: jax.lax.dot_general(
       a, b, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST))
@@ -256,4 +258,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.reexec_under_tcmalloc()
   app.run(main)

@@ -133,7 +133,8 @@ def hubert_benchmark(repeats: int) -> float:
 def main(argv):
   del argv
   print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        f"{allocator.loaded_allocator()} malloc", flush=True)
   if _ONLY.value in (None, "spectrogram"):
     spectrogram_benchmark(_REPEATS.value)
   if _ONLY.value in (None, "hubert"):
@@ -142,4 +143,6 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.reexec_under_tcmalloc()
   app.run(main)

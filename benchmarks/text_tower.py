@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
   print(f"{len(sentences)} sentences, batch {batch_size}, {_ROUNDS.value} rounds; "
         f"jax {jax.__version__} on {jax.devices()[0].platform} (precision {_PRECISION.value}), "
         f"torch {torch.__version__} on {_TORCH_DEVICE.value} with {torch.get_num_threads()} "
-        f"threads, {os.cpu_count()} CPUs")
+        f"threads, {os.cpu_count()} CPUs, {allocator.loaded_allocator()} malloc")
   print(f"warm-up round (Flax includes compilation): flax {flax_warmup:.2f} s, "
         f"torch {torch_warmup:.2f} s")
   print(f"flax  {flax_rate:9.1f} sentences/s  (rounds: "
@@ -118,4 +118,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.reexec_under_tcmalloc()
   sys.exit(app.run(main))

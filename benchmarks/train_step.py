@@ -100,7 +100,8 @@ def main():
            "text": rng.standard_normal((args.batch_size, 768)).astype(np.float32)}
   jax_rate = jax_steps_per_second(batch, args.steps)
   torch_rate = torch_steps_per_second(batch, args.steps)
-  print(f"fusion encoder train step, batch {args.batch_size}, Adam, {os.cpu_count()} CPU cores")
+  print(f"fusion encoder train step, batch {args.batch_size}, Adam, {os.cpu_count()} CPU cores, "
+        f"{allocator.loaded_allocator()} malloc")
   print(f"  JAX (jit, this project) : {jax_rate:8.1f} steps/s")
   print(f"  PyTorch eager           : {torch_rate:8.1f} steps/s")
   print(f"  ratio JAX / PyTorch     : {jax_rate / torch_rate:8.2f}x")
@@ -109,4 +110,6 @@ def main():
 if __name__ == "__main__":
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  allocator.reexec_under_tcmalloc()
   main()

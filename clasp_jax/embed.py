@@ -8,6 +8,10 @@ Each sub-command lives in its own module; `--help` after the sub-command lists i
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import importlib
 import sys
 

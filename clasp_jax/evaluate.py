@@ -24,6 +24,10 @@ values, plus `settings/...` entries that record the protocol. See docs/evaluatio
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import json
 import logging as std_logging
 import os

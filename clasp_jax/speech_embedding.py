@@ -14,6 +14,10 @@ of the last hidden state, or of `hidden_states[--layer]`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import dataclasses
 import os
 import sys

@@ -11,6 +11,10 @@ SentenceTransformer(DIR).encode(lines) within float32 rounding.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import os
 import sys
 import time

@@ -10,6 +10,10 @@ Running the same command again resumes from the newest checkpoint in --workdir; 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import json
 import logging as std_logging
 import os

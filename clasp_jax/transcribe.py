@@ -10,6 +10,10 @@ PATH and audio handling are those of `python -m clasp_jax.embed speech`; HF_DIR 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import dataclasses
 import os
 import sys

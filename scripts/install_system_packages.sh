@@ -2,6 +2,7 @@
 # Installs the system packages behind the offline speech corpus
 # (python -m clasp_jax.data.synthesize): espeak-ng speaks the sentences, Debian's fortunes
 # packages provide them in English, German, Spanish and Italian (Debian has no fortunes-fr).
+# libtcmalloc-minimal4: the commands run under tcmalloc when it is there (clasp_jax/allocator.py).
 #
 # As root (and with apt-get) it installs them; otherwise it prints what to install and
 # exits 0, so a non-root set-up script can run it unconditionally.
@@ -9,14 +10,14 @@
 #   scripts/install_system_packages.sh --dry-run  print the commands without running them
 set -euo pipefail
 
-PACKAGES=(espeak-ng fortunes fortunes-de fortunes-es fortunes-it)
+PACKAGES=(espeak-ng fortunes fortunes-de fortunes-es fortunes-it libtcmalloc-minimal4)
 INSTALL=(apt-get install -y --no-install-recommends "${PACKAGES[@]}")
 
 dry_run=0
 for argument in "$@"; do
   case "${argument}" in
     --dry-run) dry_run=1 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument ${argument} (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -28,7 +29,7 @@ for package in "${PACKAGES[@]}"; do
   fi
 done
 if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "espeak-ng and the fortunes packages are installed (${PACKAGES[*]})."
+  echo "The system packages are installed (${PACKAGES[*]})."
   exit 0
 fi
 
