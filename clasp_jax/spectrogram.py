@@ -237,6 +237,8 @@ class FrontEnd:
   htk: bool = False
   mel_norm: Literal["slaney"] | None = "slaney"
   power: float = 2.0
+  # Clips computed together on CPU (None: as many as make ~22 MiB of frames); see `apply`.
+  clips_per_group: int | None = None
 
   def __post_init__(self):
     if self.kind not in ("stft_db", "log_mel"):
@@ -258,7 +260,36 @@ class FrontEnd:
     return _apply_front_end(self, waveform, lengths)
 
   def apply(self, waveform: jax.Array, lengths: jax.Array | None):
-    """The un-jitted computation behind `__call__`."""
+    """The un-jitted computation behind `__call__`.
+
+    On CPU the batch is computed in groups of clips whose frames and spectrum stay near the
+    last-level cache (each clip's result depends on that clip alone, so grouping changes no
+    value): 64 clips of 4 s took 62 ms in groups of 16 against 79 ms at once (medians of 25
+    interleaved runs on the 2-core benchmark machine, under tcmalloc). Other backends take
+    the batch whole.
+    """
+    waveform, lengths = _as_batch(waveform, lengths)
+    clips = waveform.shape[0]
+    group = self._clips_per_group(clips, waveform.shape[1])
+    if group >= clips:
+      return self._apply_group(waveform, lengths)
+    parts = [self._apply_group(waveform[start:start + group], lengths[start:start + group])
+             for start in range(0, clips, group)]
+    return (jnp.concatenate([images for images, _ in parts]),
+            jnp.concatenate([frame_mask for _, frame_mask in parts]))
+
+  def _clips_per_group(self, clips: int, samples: int) -> int:
+    if self.clips_per_group is not None:
+      if self.clips_per_group < 1:
+        raise ValueError(f"clips_per_group must be positive, got {self.clips_per_group}")
+      return self.clips_per_group
+    if jax.default_backend() != "cpu":
+      return clips
+    frame_bytes = 4 * self.n_fft * max(1, self.num_frames(samples))
+    # At most _MAX_GROUPS groups, so that a huge batch does not unroll into a huge program.
+    return max(1, _GROUP_FRAME_BYTES // frame_bytes, -(-clips // _MAX_GROUPS))
+
+  def _apply_group(self, waveform: jax.Array, lengths: jax.Array):
     spectrum, frame_mask = _stft_time_major(waveform, lengths, self.n_fft, self.hop_length,
                                             self.win_length, self.window, self.center)
     # Work in the FFT's (batch, frames, freq) layout and transpose only the final real image:
@@ -281,3 +312,7 @@ class FrontEnd:
 
 
 _apply_front_end = jax.jit(FrontEnd.apply, static_argnums=0)
+
+# Frames per CPU group (16 clips of 4 s at 22.05 kHz) and the most groups one call unrolls.
+_GROUP_FRAME_BYTES = 22 << 20
+_MAX_GROUPS = 32

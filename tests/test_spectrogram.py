@@ -165,3 +165,24 @@ def test_power_to_db_validates_arguments():
     spectrogram.power_to_db(power, ref="mean")
   with pytest.raises(ValueError, match="kind"):
     spectrogram.FrontEnd(kind="cqt")
+
+
+@pytest.mark.parametrize("kind", ["stft_db", "log_mel"])
+def test_clip_groups_change_no_value(kind):
+  rng = np.random.default_rng(3)
+  clips = (0.1 * rng.standard_normal((5, 6000))).astype(np.float32)
+  lengths = np.array([6000, 2500, 4100, 6000, 900])
+  settings = dict(kind=kind, n_fft=512, hop_length=128, ref="max")
+  whole, whole_mask = spectrogram.FrontEnd(clips_per_group=5, **settings)(clips, lengths)
+  grouped, grouped_mask = spectrogram.FrontEnd(clips_per_group=2, **settings)(clips, lengths)
+  np.testing.assert_array_equal(np.asarray(grouped_mask), np.asarray(whole_mask))
+  np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), atol=1e-5)
+
+
+def test_cpu_groups_follow_frame_bytes_and_cap_the_group_count():
+  front_end = spectrogram.FrontEnd()  # n_fft 2048: a 4 s clip at 22.05 kHz has 173 frames
+  assert front_end._clips_per_group(64, 88_200) == 16
+  assert front_end._clips_per_group(4096, 88_200) == 4096 // 32  # at most 32 groups
+  assert front_end._clips_per_group(8, 22_050 * 600) == 1  # ten-minute clips: one each
+  with pytest.raises(ValueError, match="clips_per_group"):
+    spectrogram.FrontEnd(clips_per_group=0)(np.zeros((2, 4096), np.float32))
