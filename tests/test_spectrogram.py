@@ -179,8 +179,11 @@ def test_clip_groups_change_no_value(kind):
   np.testing.assert_allclose(np.asarray(grouped), np.asarray(whole), atol=1e-5)
 
 
-def test_cpu_groups_follow_frame_bytes_and_cap_the_group_count():
+def test_cpu_groups_follow_frame_bytes_and_cap_the_group_count(monkeypatch):
   front_end = spectrogram.FrontEnd()  # n_fft 2048: a 4 s clip at 22.05 kHz has 173 frames
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert front_end._clips_per_group(64, 88_200) == 64  # accelerators take the batch whole
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert front_end._clips_per_group(64, 88_200) == 16
   assert front_end._clips_per_group(4096, 88_200) == 4096 // 32  # at most 32 groups
   assert front_end._clips_per_group(8, 22_050 * 600) == 1  # ten-minute clips: one each
