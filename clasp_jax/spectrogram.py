@@ -71,11 +71,13 @@ def _frames(waveform: jax.Array, n_fft: int, hop_length: int, num_frames: int) -
   return waveform[:, indices]
 
 
-def _stft_time_major(waveform: jax.Array, lengths: jax.Array | None, n_fft: int,
+def _stft_time_major(waveform: jax.Array, lengths: jax.Array, n_fft: int,
                      hop_length: int | None, win_length: int | None, window: str, center: bool):
-  """STFT as (batch, frames, freq) plus (batch, frames) mask: the layout the FFT produces."""
+  """STFT as (batch, frames, freq) plus (batch, frames) mask: the layout the FFT produces.
+
+  `waveform` and `lengths` come from `_as_batch` (clips zeroed past their ends).
+  """
   hop_length = n_fft // 4 if hop_length is None else hop_length
-  waveform, lengths = _as_batch(waveform, lengths)
   num_frames = frame_count(waveform.shape[1], n_fft, hop_length, center)
   if num_frames < 1:
     raise ValueError(f"input of {waveform.shape[1]} samples is shorter than n_fft={n_fft}")
@@ -98,8 +100,8 @@ def stft(waveform: jax.Array, lengths: jax.Array | None = None, *, n_fft: int = 
 
   (batch, samples) -> ((batch, 1 + n_fft // 2, frames) complex64, (batch, frames) frame_mask).
   """
-  spectrum, frame_mask = _stft_time_major(waveform, lengths, n_fft, hop_length, win_length, window,
-                                          center)
+  spectrum, frame_mask = _stft_time_major(*_as_batch(waveform, lengths), n_fft, hop_length,
+                                          win_length, window, center)
   return jnp.swapaxes(spectrum, 1, 2), frame_mask
 
 
@@ -243,6 +245,8 @@ class FrontEnd:
   def __post_init__(self):
     if self.kind not in ("stft_db", "log_mel"):
       raise ValueError(f"kind must be 'stft_db' or 'log_mel', got {self.kind!r}")
+    if self.clips_per_group is not None and self.clips_per_group < 1:
+      raise ValueError(f"clips_per_group must be positive, got {self.clips_per_group}")
 
   @property
   def num_bins(self) -> int:
@@ -280,8 +284,6 @@ class FrontEnd:
 
   def _clips_per_group(self, clips: int, samples: int) -> int:
     if self.clips_per_group is not None:
-      if self.clips_per_group < 1:
-        raise ValueError(f"clips_per_group must be positive, got {self.clips_per_group}")
       return self.clips_per_group
     if jax.default_backend() != "cpu":
       return clips
