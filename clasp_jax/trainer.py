@@ -39,7 +39,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   checks = [
       (config.model.fusion in FUSIONS, f"config.model.fusion must be one of {FUSIONS}"),
       (config.model.mode in MODES, f"config.model.mode must be one of {MODES}"),
-      (config.model.precision in precision.NAMES,
+      # .get: workdirs written before the field existed resume without it (model_from_config).
+      (config.model.get("precision", "highest") in precision.NAMES,
        f"config.model.precision must be one of {precision.NAMES}"),
       (config.loss.kind in LOSSES, f"config.loss.kind must be one of {LOSSES}"),
       (config.batch_size > 0 and config.eval_batch_size > 0, "batch sizes must be positive"),

@@ -102,7 +102,6 @@ class FusionEncoder(nn.Module):
   precision: str = "highest"
 
   def setup(self):
-    precision.validate(self.precision)
     if self.fusion not in FUSIONS:
       raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
     if self.mode not in MODES:
