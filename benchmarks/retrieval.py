@@ -18,8 +18,8 @@ memory of the process (`resource.getrusage`), which must stay under 4 GB.
 
 from __future__ import annotations
 
-import resource
 import os
+import resource
 import sys
 import time
 
