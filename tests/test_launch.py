@@ -278,3 +278,16 @@ def test_shell_scripts_are_shellcheck_clean():
   result = subprocess.run(["shellcheck", *SHELL_SCRIPTS], capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_example_runs_and_prints_what_the_readme_shows(capsys):
+  """launch/README.md's worked example is the exact command; a doc that no longer runs is
+  worse than none."""
+  with open(os.path.join(LAUNCH, "README.md")) as f:
+    readme = f.read()
+  block = readme.split("```bash\npython launch/tpu.py all --dry_run", 1)[1].split("```", 1)[0]
+  argv = shlex.split("all --dry_run" + block.replace("\\\n", " "))
+  printed = _dry_run(argv, capsys)
+  create, delete = shlex.join(printed[0]), shlex.join(printed[-1])
+  assert create in readme and delete in readme
+  assert len(printed) == 9
