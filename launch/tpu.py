@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(own)
   if passthrough and args.command not in ("train", "embed", "evaluate", "all"):
     parser.error(f"{args.command} takes no arguments after --")
+  if args.command == "data" and not (args.features or args.workdir):
+    parser.error("data needs --features, --workdir or both")
   plan, dry_run = Plan(args), args.dry_run
 
   if args.command in ("embed", "evaluate"):

@@ -165,6 +165,11 @@ def test_bad_accelerator_type_is_a_clear_error_with_exit_2(accelerator):
   assert result.stdout == ""
 
 
+def test_data_without_anything_to_copy_or_mount_is_an_error():
+  result = _run_cli("data", "--dry_run", "--name=n", "--zone=z")
+  assert result.returncode == 2 and "data needs --features, --workdir or both" in result.stderr
+
+
 def test_workdir_must_be_a_gs_url_with_exit_2():
   result = _run_cli("train", "--dry_run", "--name=n", "--zone=z", "--config=configs/base.py",
                     "--workdir=/tmp/run")
