@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from clasp_jax import losses
+from clasp_jax.trainer import losses
 from clasp_jax.trainer import chunked_losses
 
 NUM_DEVICES = 8
