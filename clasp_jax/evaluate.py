@@ -123,6 +123,10 @@ def load_embeddings(path: str) -> dict[str, np.ndarray]:
                                "strings, e.g. np.asarray(labels, dtype=str))") from error
 
 
+# Facts learnt while embedding that the settings report (the checkpoint step chosen).
+_RUN_INFO: dict[str, object] = {}
+
+
 def _embed_from_workdir() -> dict[str, np.ndarray]:
   from clasp_jax.inference import workdir as inference  # Model code is only needed in this mode.
   from clasp_jax.trainer.checkpointing import parse_checkpoint_choice
@@ -135,6 +139,7 @@ def _embed_from_workdir() -> dict[str, np.ndarray]:
   except ValueError as error:  # e.g. a split the data config does not have.
     raise protocols.InputError(str(error)) from error
   logging.info("embedded %d pairs with the checkpoint of step %d", len(arrays["speech"]), step)
+  _RUN_INFO["settings/checkpoint_step"] = step
   return arrays
 
 
@@ -194,6 +199,7 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
   elif _WORKDIR.value:
     settings["settings/workdir"] = os.path.abspath(_WORKDIR.value)
     settings["settings/split"] = _SPLIT.value
+    settings["settings/checkpoint"] = _CHECKPOINT.value
   else:
     settings["settings/baseline"] = _BASELINE.value
     settings["settings/data"] = ",".join(os.path.abspath(d) for d in _DATA.value)
@@ -203,6 +209,7 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
   if protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
+  settings.update(_RUN_INFO)
   return settings
 
 

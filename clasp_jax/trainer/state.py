@@ -53,14 +53,13 @@ def _check_pretrained(expected: Mapping[str, Any], pretrained: Mapping[str, Any]
       raise ShapeMismatchError(f"pretrained {name!r} does not fit the model: {shown}")
 
 
-def init_variables(model: nn.Module, example_batch: Mapping[str, Any], rng: jax.Array, *,
-                   mesh: Mesh, pretrained: Mapping[str, Any] | None = None) -> dict:
-  """The model's variables, replicated over `mesh`, with `pretrained` parameter subtrees.
+def fresh_initializer(model: nn.Module, example_batch: Mapping[str, Any],
+                      pretrained: Mapping[str, Any], rng: jax.Array) -> Callable:
+  """rng -> the variables that no pretrained tower provides (checked against the shapes first).
 
-  `pretrained` maps top-level parameter names (e.g. 'text_encoder', 'ssl_encoder') to trees of
-  arrays; their random initialisation is dead code in the jitted init and never runs.
+  The pretrained towers' subtrees are left out of the outputs, so under jit their random
+  initialisation is dead code.
   """
-  pretrained = dict(pretrained or {})
   init = functools.partial(model.init, train=False)
   shapes = jax.eval_shape(init, rng, example_batch)
   _check_pretrained(shapes["params"], pretrained)
@@ -71,7 +70,19 @@ def init_variables(model: nn.Module, example_batch: Mapping[str, Any], rng: jax.
                            if name not in pretrained}
     return variables
 
+  return init_fresh
+
+
+def init_variables(model: nn.Module, example_batch: Mapping[str, Any], rng: jax.Array, *,
+                   mesh: Mesh, pretrained: Mapping[str, Any] | None = None) -> dict:
+  """The model's variables, replicated over `mesh`, with `pretrained` parameter subtrees.
+
+  `pretrained` maps top-level parameter names (e.g. 'text_encoder', 'ssl_encoder') to trees of
+  arrays; their random initialisation is dead code in the jitted init and never runs.
+  """
+  pretrained = dict(pretrained or {})
   replicated = NamedSharding(mesh, P())
+  init_fresh = fresh_initializer(model, example_batch, pretrained, rng)
   variables = jax.jit(init_fresh, out_shardings=replicated)(rng)
   for name, tree in pretrained.items():
     variables["params"][name] = jax.device_put(
