@@ -1,5 +1,6 @@
-"""Embeds speech or text with a pretrained tower.
+"""Embeds speech or text with a trained CLASP model or a pretrained tower.
 
+  python -m clasp_jax.embed clasp --workdir=W --input=PATH --output=OUT.npy [--text]
   python -m clasp_jax.embed speech --encoder=HF_DIR --input=PATH --output=OUT.npy
   python -m clasp_jax.embed text --encoder=DIR --input=FILE.txt --output=OUT.npy
 
@@ -16,6 +17,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "clasp": "clasp_jax.inference.clasp_embedding",
     "speech": "clasp_jax.inference.speech_embedding",
     "text": "clasp_jax.inference.text_embedding",
 }

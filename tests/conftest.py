@@ -44,3 +44,11 @@ def labse_like_dir(tmp_path_factory):
   pytest.importorskip("torch")
   from tests.helpers import checkpoints
   return checkpoints.build_labse_like(tmp_path_factory.mktemp("labse_like"))
+
+
+@pytest.fixture(scope="session")
+def tone_corpus(tmp_path_factory):
+  """A built speech-text dataset (train 96 / validation 32 / test 32 clips) whose audio is a
+  tone per word, so audio-mode models learn it in a few steps; see helpers/corpora.py."""
+  from tests.helpers import corpora
+  return corpora.build_tone_corpus(str(tmp_path_factory.mktemp("tone_corpus")))
