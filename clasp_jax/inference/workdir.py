@@ -17,6 +17,7 @@ from clasp_jax.trainer import optim
 from clasp_jax.models import text_tower
 from clasp_jax.trainer.checkpointing import Checkpointer
 from clasp_jax.common.config_args import ConfigError
+from clasp_jax.common.workdir import upgrade_config
 from clasp_jax.data import feature_pipeline, features
 from clasp_jax.models.clasp import model_from_config
 
@@ -24,7 +25,7 @@ from clasp_jax.models.clasp import model_from_config
 def tokenize_split(split: features.FeatureSplit, name: str, tower: text_tower.TextTower) -> None:
   """Tokenises the split's sentences once, padded to the tower's maximum length."""
   if split.sentences is None:
-    raise ConfigError(f"config.text.encoder needs the sentences of each split, but the {name} "
+    raise ConfigError(f"config.model.text.encoder needs the sentences of each split, but the {name} "
                       f"split has none (sentences.json); synthetic_features has none either")
   input_ids, attention_mask = tower.pad_batch(tower.tokenize(split.sentences),
                                               length=tower.max_length)
@@ -74,7 +75,8 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    # Workdirs written by earlier releases hold older layouts (the text block at the top).
+    return upgrade_config(ml_collections.ConfigDict(json.load(f)))
 
 
 def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
@@ -91,8 +93,9 @@ def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
   batch_size = batch_size or config.eval_batch_size
   batch_size = -(-batch_size // mesh.size) * mesh.size  # A multiple of the device count.
   tower = None
-  if config.text.encoder:
-    tower = text_tower.load(config.text.encoder, max_length=config.text.max_length or None)
+  if config.model.text.kind == "encoder":
+    tower = text_tower.load(config.model.text.encoder,
+                            max_length=config.model.text.max_length or None)
   split = features.load_split(config.data, split_name)
   if tower is not None:
     tokenize_split(split, split_name, tower)

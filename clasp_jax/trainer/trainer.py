@@ -82,11 +82,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count())
 
   # ---------------------------------------------------------------- Text tower and input.
+  text_config = config.model.text
   tower = None
-  if config.text.encoder:
-    tower = text_tower.load(config.text.encoder, max_length=config.text.max_length or None)
-    logging.info("text tower: %s (%d-d), top %d layers trainable", config.text.encoder,
-                 tower.embedding_dim, config.text.trainable_top_layers)
+  if text_config.kind == "encoder":
+    tower = text_tower.load(text_config.encoder, max_length=text_config.max_length or None)
+    logging.info("text tower: %s (%d-d), top %d layers trainable", text_config.encoder,
+                 tower.embedding_dim, text_config.trainable_top_layers)
 
   def load_split(name: str) -> features.FeatureSplit:
     split = features.load_split(config.data, name)
@@ -123,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   frozen = optim.frozen_mask(params, config.frozen_params)
   if tower is not None:
     params["text_encoder"] = tower.params  # Pretrained weights replace the random init.
-    frozen = freeze_text_tower(frozen, tower, config.text.trainable_top_layers)
+    frozen = freeze_text_tower(frozen, tower, text_config.trainable_top_layers)
   tx, schedule = optim.make_optimizer(config, params, total_steps=total_steps,
                                       steps_per_epoch=steps_per_epoch, frozen=frozen)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
