@@ -2,9 +2,9 @@
 
 import copy
 import functools
+import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -121,6 +121,21 @@ def test_each_mode_builds_only_its_branches(mode, present, absent):
   assert set(shapes["params"]["speech_encoder"]) == branches
   # Only the spectrogram encoder and the fusion encoder keep BatchNorm statistics.
   assert set(shapes["batch_stats"]) == {"speech_encoder"} | (present & {"spectrogram_encoder"})
+
+
+def test_speech_audio_config_builds_small_random_towers():
+  """The `speech=audio` config (no `tiny`): a 4-layer 256-wide HuBERT at random init and the
+  default spectrogram CNN, whose 256-d and 1000-d vectors feed the fusion branches."""
+  config = base.get_config("speech=audio")
+  model = clasp.model_from_config(config.model, config.loss)
+  batch = {"audio": np.zeros((2, 16_000), np.float32), "audio_mask": np.ones((2, 16_000), bool),
+           "text": np.zeros((2, 768), np.float32)}
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+  assert set(shapes) == {"speech_encoder", "logit_scale", "ssl_encoder", "spectrogram_encoder"}
+  assert len(shapes["ssl_encoder"]["encoder"]) == 4 + 2  # layers, positional conv, layer norm
+  assert shapes["speech_encoder"]["speech_branch"]["linear_0"]["kernel"].shape == (256, 768)
+  assert shapes["speech_encoder"]["spectrogram_branch"]["linear_0"]["kernel"].shape == (1000, 768)
+  assert clasp.pretrained_params(config) == {}  # random init reads nothing
 
 
 def test_feature_and_audio_models_share_the_fusion_encoder(audio_model):
@@ -295,6 +310,10 @@ def test_upgrade_config_moves_the_legacy_text_block():
   # Today's configs pass through unchanged.
   current = base.get_config("tiny,speech=audio")
   assert upgrade_config(current).to_dict() == current.to_dict()
+  # ... and through config.json (tuples come back as lists) to the same model.
+  reread = upgrade_config(ml_collections.ConfigDict(json.loads(current.to_json_best_effort())))
+  assert (clasp.model_from_config(reread.model, reread.loss)
+          == clasp.model_from_config(current.model, current.loss))
   # A legacy model block (no speech, no text) still builds the feature-mode model.
   model = clasp.model_from_config(_legacy_config("").model, legacy.loss)
   assert (model.speech_kind, model.resolved_text_kind) == ("features", "precomputed")
