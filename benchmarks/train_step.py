@@ -20,7 +20,7 @@ def jax_steps_per_second(batch: dict, steps: int) -> float:
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from clasp_jax.models import towers
+  from clasp_jax.models import clasp
   from clasp_jax.trainer import optim, state as state_lib, steps as step_lib
   from configs import base
 
@@ -28,7 +28,7 @@ def jax_steps_per_second(batch: dict, steps: int) -> float:
   config.optimizer.name, config.optimizer.grad_clip_norm = "adam", 0.0
   config.schedule.kind = "constant"
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  model = towers.build(config, axis_name="data").model
+  model = clasp.build(config, axis_name="data").model
   state, tx, _ = state_lib.create_train_state(
       model, {k: v[:2] for k, v in batch.items()}, seed=0, mesh=mesh, frozen_pattern="",
       make_optimizer=lambda params: optim.make_optimizer(config, params, total_steps=steps,

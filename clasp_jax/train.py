@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from clasp_jax.common import cli as cli_flags
+from clasp_jax.common.workdir import upgrade_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, optionally with an argument: configs/base.py:paper.",
@@ -38,7 +39,8 @@ def _config_from_workdir(workdir: str):
   if not os.path.exists(path):
     raise app.UsageError(f"--config is required: {path} does not exist to resume from")
   with open(path) as f:
-    config = config_dict.ConfigDict(json.load(f))
+    # Workdirs written by earlier releases hold older layouts (the text block at the top).
+    config = upgrade_config(config_dict.ConfigDict(json.load(f)))
   config.lock()
   return config
 

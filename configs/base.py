@@ -19,6 +19,10 @@ Small smoke-test size (used by the tests):
   python -m clasp_jax.train --config=configs/base.py:tiny --workdir=/tmp/clasp_tiny
 
 Any field can be overridden: --config.batch_size=512 --config.loss.kind=sigmoid.
+
+Config arguments: paper, tiny, features=DIR, fusion=concat|gated, mode=joint|speech|spectrogram,
+speech=features|audio. speech=audio builds the model from waveforms (config.model.speech;
+small random-init towers, tiny ones with `tiny`); it needs data that holds audio.
 """
 
 import ml_collections
@@ -27,7 +31,10 @@ from clasp_jax.common.config_args import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, paper=False, tiny=False, features="", fusion="concat", mode="joint")
+  arg = parse_arg(arg, paper=False, tiny=False, features="", fusion="concat", mode="joint",
+                  speech="features")
+  if arg.speech not in ("features", "audio"):
+    raise ValueError(f"config argument 'speech' must be 'features' or 'audio', got {arg.speech!r}")
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -53,13 +60,42 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # encoder is small, so it costs little); 'default' rounds inputs to tf32/bf16.
   config.model.precision = "highest"
 
-  # Text tower: '' uses the precomputed text embeddings of the data (the paper: LaBSE, frozen).
-  # A sentence-transformers folder runs that encoder on the data's sentences instead, frozen
-  # but for its top `trainable_top_layers` layers (and Dense head), truncating at max_length.
-  config.text = ml_collections.ConfigDict()
-  config.text.encoder = ""
-  config.text.trainable_top_layers = 0
-  config.text.max_length = 64
+
+  # Speech tower. 'features': the fusion encoder reads the data's precomputed SSL and
+  # spectrogram vectors (the paper). 'audio': it reads 16 kHz waveforms through the SSL
+  # encoder (mean-pooled `layer`; -1 = last hidden state) and the on-device spectrogram
+  # front-end + CNN (clasp_jax/models/speech_tower.py). `checkpoint` names a Hugging Face
+  # HuBERT / wav2vec2 folder; '' starts the SSL encoder at random at the `ssl` size, whose
+  # fields are Hugging Face config.json names (default: HuBERT-large's shape).
+  config.model.speech = ml_collections.ConfigDict()
+  config.model.speech.kind = "features"  # 'features' | 'audio'
+  config.model.speech.checkpoint = ""
+  config.model.speech.layer = -1
+  config.model.speech.ssl_dropout = False  # SSL dropout/LayerDrop in training (fine-tuning).
+  config.model.speech.remat = False  # Recompute SSL layers in the backward pass.
+  config.model.speech.ctc_vocab_size = 0  # > 0: auxiliary CTC head on the SSL frames.
+  config.model.speech.ssl = ml_collections.ConfigDict(dict(
+      model_type="hubert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+      intermediate_size=4096, conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+      conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_bias=True, feat_extract_norm="layer",
+      do_stable_layer_norm=True, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+      do_normalize=True))
+  # Front-end ('log_mel' | 'stft_db'; 80-bin log-mel, 25 ms windows every 10 ms at 16 kHz)
+  # and the EfficientNet-style encoder (first `num_stages` of B0's stages, scaled).
+  config.model.speech.spectrogram = ml_collections.ConfigDict(dict(
+      kind="log_mel", n_fft=400, hop_length=160, n_mels=80, top_db=80.0,
+      width_multiplier=0.5, depth_multiplier=0.5, num_stages=7, stem_channels=32,
+      head_channels=1280, output_dim=1000))
+
+  # Text tower. 'precomputed': the data's sentence embeddings (the paper: LaBSE, frozen).
+  # 'encoder': the sentence-transformers folder `encoder` runs on the data's sentences,
+  # frozen but for its top `trainable_top_layers` layers (and Dense head), truncating at
+  # max_length tokens.
+  config.model.text = ml_collections.ConfigDict()
+  config.model.text.kind = "precomputed"  # 'precomputed' | 'encoder'
+  config.model.text.encoder = ""
+  config.model.text.trainable_top_layers = 0
+  config.model.text.max_length = 64
 
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "softmax"  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP)
@@ -126,6 +162,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.kind = "features"
     config.data.directory = arg.features
 
+  if arg.speech == "audio":
+    # Small random-init towers: a 4-layer 256-wide HuBERT and the 0.5 x 0.5 spectrogram CNN.
+    # For the paper's encoder, set --config.model.speech.checkpoint=HUBERT_LARGE_DIR.
+    config.model.speech.kind = "audio"
+    config.model.speech.ssl.update(dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+        conv_dim=(256,) * 7))
+
   if arg.tiny:
     config.data.num_train = 512
     config.data.num_validation = 128
@@ -142,4 +186,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 10
     config.eval_every_steps = 20
     config.checkpoint_every_steps = 20
+    if arg.speech == "audio":
+      config.model.speech.ssl.update(dict(
+          model_type="hubert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+          intermediate_size=64, conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3),
+          conv_stride=(5, 2, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
+      config.model.speech.spectrogram.update(dict(
+          n_mels=20, width_multiplier=0.25, depth_multiplier=1.0, num_stages=2,
+          head_channels=32, output_dim=20))
   return config

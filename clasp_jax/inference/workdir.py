@@ -4,7 +4,7 @@
   embeddings = trained.embed_split("test")          # what the evaluators score
 
 The model is rebuilt from the workdir's config by the same code as in training
-(`models.towers.build`), the split is read by the same input pipeline, and the variables come
+(`models.clasp.build`), the split is read by the same input pipeline, and the variables come
 from the checkpoint (`best` by default: the step that scored best on the early-stopping metric,
 or the newest when no evaluation ran).
 """
@@ -22,10 +22,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clasp_jax.common.workdir import upgrade_config
 from clasp_jax.data import audio_io, pipeline
 from clasp_jax.data.tfds_builder import INT16_SCALE
 from clasp_jax.inference import split_embedding
-from clasp_jax.models import towers
+from clasp_jax.models import clasp
 from clasp_jax.trainer import steps
 from clasp_jax.trainer.checkpointing import Checkpointer
 
@@ -35,7 +36,7 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return upgrade_config(ml_collections.ConfigDict(json.load(f)))
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ class TrainedModel:
 
   workdir: str
   config: ml_collections.ConfigDict
-  built: towers.BuiltModel
+  built: clasp.BuiltModel
   variables: dict[str, Any]
   step: int
   mesh: Mesh
@@ -178,7 +179,7 @@ def load_trained(workdir: str, *, checkpoint: int | str = "best",
   if features_dir:
     config.data.kind, config.data.directory = "features", features_dir
   mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
-  built = towers.build(config)
+  built = clasp.build(config)
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
     state, record = checkpointer.read(checkpoint)

@@ -1,35 +1,67 @@
-"""The two-tower CLASP model in feature mode.
+"""The two-tower CLASP model, assembled from towers chosen by name.
 
-The speech tower is the trained fusion encoder over precomputed speech SSL and spectrogram
-features. The text tower is a sentence encoder: by default frozen, with its embeddings
-precomputed in the batch ('text'); with `text_encoder` set, it runs on token ids
-('input_ids', 'attention_mask') so its top layers can be fine-tuned.
+Speech tower (`speech_kind`):
+  - 'features': the fusion encoder (`speech_encoder`) reads precomputed speech SSL and
+    spectrogram vectors from the batch ('speech', 'spectrogram'), as the paper trained it.
+  - 'audio': `speech_tower.AudioSpeechTower` computes those two vectors from 16 kHz audio
+    ('audio', 'audio_mask') with an SSL encoder (`ssl_encoder`) and an on-device spectrogram
+    CNN (`spectrogram_encoder`), and feeds them to the same fusion encoder. Its parameters
+    sit at the top level beside `speech_encoder`, so the fusion weights of a feature-mode
+    model and of an audio-mode model are interchangeable.
+Text tower (`text_kind`):
+  - 'precomputed': sentence embeddings from the batch ('text'), frozen as in the paper.
+  - 'encoder': a `SentenceEncoder` (`text_encoder`) on 'input_ids' / 'attention_mask', so its
+    top layers can be fine-tuned.
+
 Like big_vision's two-tower models, `__call__` returns `(zspeech, ztext, out)` with
-L2-normalised embeddings and slash-named diagnostics in `out`.
+L2-normalised embeddings and slash-named diagnostics in `out`; `embed_speech` and
+`embed_text` embed one side alone (inference on audio without text, or text without audio).
+
+`model_from_config` builds the model from the config alone (no weights are read);
+`pretrained_params` reads the pretrained towers' weights, once, keyed by top-level name;
+`build` does both and adds what the input pipeline needs (the text tower's tokenizer): it is
+what the trainer, inference and the tests call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from clasp_jax.common.config_args import ConfigError
+from clasp_jax.common.workdir import upgrade_config
+from clasp_jax.models import speech_tower as speech_tower_lib
+from clasp_jax.models import text_tower
 from clasp_jax.models.fusion import FusionEncoder
+
+SPEECH_KINDS = ("features", "audio")
+TEXT_KINDS = ("precomputed", "encoder")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
 
 
+def _require(batch: Mapping[str, Any], keys: tuple[str, ...], why: str) -> None:
+  missing = [key for key in keys if key not in batch]
+  if missing:
+    raise ValueError(f"the batch lacks {missing} ({why}); it holds {sorted(batch)}")
+
+
 class ClaspModel(nn.Module):
-  """Fusion speech tower + precomputed text embeddings + the loss's logit scale and bias.
+  """Speech tower + fusion encoder, text tower, and the loss's logit scale and bias.
 
   `logit_scale` holds log(scale) as in CLIP; it is a parameter only when `learn_scale`.
   `max_scale` caps exp(logit_scale) (CLIP caps at 100). `logit_bias` exists for the sigmoid loss.
+  `speech_tower` holds the audio tower's settings (`speech_kind='audio'`; None: the defaults).
+  `text_kind` None means 'encoder' when `text_encoder` is set, else 'precomputed'.
   """
 
   fusion: str = "concat"
@@ -46,44 +78,142 @@ class ClaspModel(nn.Module):
   axis_name: str | None = None
   precision: str = "highest"
   text_encoder: nn.Module | None = None  # A SentenceEncoder; its parameters: 'text_encoder/'.
+  speech_kind: str = "features"
+  speech_tower: speech_tower_lib.Settings | None = None
+  text_kind: str | None = None
 
-  @nn.compact
-  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
-    speech_encoder = FusionEncoder(
+  @property
+  def resolved_text_kind(self) -> str:
+    if self.text_kind is not None:
+      return self.text_kind
+    return "precomputed" if self.text_encoder is None else "encoder"
+
+  def setup(self):
+    if self.speech_kind not in SPEECH_KINDS:
+      raise ValueError(f"speech_kind must be one of {SPEECH_KINDS}, got {self.speech_kind!r}")
+    text_kind = self.resolved_text_kind
+    if text_kind not in TEXT_KINDS:
+      raise ValueError(f"text_kind must be one of {TEXT_KINDS}, got {text_kind!r}")
+    if (text_kind == "encoder") != (self.text_encoder is not None):
+      raise ValueError(f"text_kind={text_kind!r} " + (
+          "needs a text_encoder module" if text_kind == "encoder"
+          else "takes no text_encoder module"))
+    self.speech_encoder = FusionEncoder(
         fusion=self.fusion, mode=self.mode, embed_dim=self.embed_dim,
         branch_hidden=self.branch_hidden, branch_dropout=self.branch_dropout,
-        fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision,
-        name="speech_encoder")
-    speech_embedding = speech_encoder(batch.get("speech"), batch.get("spectrogram"), train=train)
+        fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision)
+    if self.speech_kind == "audio":
+      self.audio_tower = speech_tower_lib.AudioSpeechTower(
+          self.speech_tower or speech_tower_lib.Settings(), mode=self.mode,
+          axis_name=self.axis_name, precision=self.precision)
+      # The tower's encoders become top-level parameters ('ssl_encoder', ...), beside
+      # 'speech_encoder': one name per pretrained tower for loading and freezing.
+      nn.share_scope(self, self.audio_tower)
+    if self.learn_scale:
+      self.logit_scale = self.param("logit_scale",
+                                    nn.initializers.constant(math.log(self.scale_init)), ())
+    if self.use_bias:
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.bias_init), ())
+
+  def _speech_embedding(self, batch: Mapping[str, jax.Array], train: bool):
+    """The un-normalised speech embedding and the speech tower's diagnostics."""
+    if self.speech_kind == "features":
+      needs = {"joint": ("speech", "spectrogram"), "speech": ("speech",),
+               "spectrogram": ("spectrogram",)}.get(self.mode, ())
+      _require(batch, needs, f"feature mode, fusion mode {self.mode!r}")
+      return self.speech_encoder(batch.get("speech"), batch.get("spectrogram"), train=train), {}
+    _require(batch, ("audio", "audio_mask"), "audio mode")
+    tower_out = self.audio_tower(batch["audio"], batch["audio_mask"], train=train)
+    diagnostics = {name: value for name, value in tower_out.items() if "/" in name}
+    if "speech" in tower_out:
+      diagnostics["ssl/pooled"] = tower_out["speech"]
+    if "spectrogram" in tower_out:
+      diagnostics["spectrogram/features"] = tower_out["spectrogram"]
+    embedding = self.speech_encoder(tower_out.get("speech"), tower_out.get("spectrogram"),
+                                    train=train)
+    return embedding, diagnostics
+
+  def _text_embedding(self, batch: Mapping[str, jax.Array], train: bool) -> jax.Array:
+    if self.resolved_text_kind == "precomputed":
+      _require(batch, ("text",), "precomputed text embeddings")
+      return batch["text"].astype(jnp.float32)
+    _require(batch, ("input_ids", "attention_mask"), "the text encoder's tokens")
+    return self.text_encoder(batch["input_ids"], batch["attention_mask"],
+                             deterministic=not train).astype(jnp.float32)
+
+  def embed_speech(self, batch: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
+    """L2-normalised speech embeddings (batch, embed_dim) from the speech side of `batch`."""
+    return l2_normalize(self._speech_embedding(batch, train)[0])
+
+  def embed_text(self, batch: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
+    """L2-normalised text embeddings (batch, embed_dim) from the text side of `batch`."""
+    return l2_normalize(self._text_embedding(batch, train))
+
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
+    speech_embedding, diagnostics = self._speech_embedding(batch, train)
     zspeech = l2_normalize(speech_embedding)
-    if self.text_encoder is None:
-      ztext = l2_normalize(batch["text"].astype(jnp.float32))
-    else:
-      ztext = l2_normalize(self.text_encoder(batch["input_ids"], batch["attention_mask"],
-                                             deterministic=not train).astype(jnp.float32))
+    ztext = l2_normalize(self._text_embedding(batch, train))
 
     if self.learn_scale:
-      log_scale = self.param("logit_scale", nn.initializers.constant(math.log(self.scale_init)), ())
-      scale = jnp.minimum(jnp.exp(log_scale), self.max_scale)
+      scale = jnp.minimum(jnp.exp(self.logit_scale), self.max_scale)
     else:
       scale = jnp.asarray(self.scale_init, jnp.float32)
-    if self.use_bias:
-      bias = self.param("logit_bias", nn.initializers.constant(self.bias_init), ())
-    else:
-      bias = jnp.zeros((), jnp.float32)
+    bias = self.logit_bias if self.use_bias else jnp.zeros((), jnp.float32)
 
     out = {
         "scale": scale,
         "bias": bias,
         "speech/norm": jnp.mean(jnp.linalg.norm(speech_embedding, axis=-1)),
+        **diagnostics,
     }
     return zspeech, ztext, out
 
 
-def model_from_config(model_config: ml_collections.ConfigDict, loss_config: ml_collections.ConfigDict,
-                      *, axis_name: str | None = None,
+def _text_kind_and_encoder(model_config: ml_collections.ConfigDict, precision: str,
+                           text_encoder: nn.Module | None) -> tuple[str, nn.Module | None]:
+  """Which text tower `model_config.text` names, and its module (built from the folder's
+  config files; its weights come from `pretrained_params`)."""
+  text = model_config.get("text")
+  if text_encoder is not None:
+    # The caller built the module (the layout before model.text existed passed it in).
+    return "encoder", text_encoder
+  if text is None:
+    return "precomputed", None
+  if text.kind not in TEXT_KINDS:
+    raise ConfigError(f"config.model.text.kind must be one of {TEXT_KINDS}, got {text.kind!r}")
+  if text.kind == "precomputed":
+    if text.get("encoder"):
+      raise ConfigError("config.model.text.encoder is set but config.model.text.kind is "
+                        "'precomputed'; set --config.model.text.kind=encoder to run it")
+    return "precomputed", None
+  if not text.get("encoder"):
+    raise ConfigError("config.model.text.kind='encoder' needs config.model.text.encoder "
+                      "(a sentence-transformers folder)")
+  try:
+    return "encoder", text_tower.module_from_folder(text.encoder, precision=precision)
+  except (OSError, ValueError) as error:
+    raise ConfigError(f"config.model.text.encoder: {error}") from None
+
+
+def model_from_config(model_config: ml_collections.ConfigDict,
+                      loss_config: ml_collections.ConfigDict, *, axis_name: str | None = None,
                       text_encoder: nn.Module | None = None) -> ClaspModel:
-  """Builds the model the config describes; the loss decides whether scale and bias are learnt."""
+  """Builds the model the config describes, reading no weights.
+
+  The loss decides whether scale and bias are learnt. `model_config.speech` and
+  `model_config.text` pick the towers (absent: feature mode and precomputed text, as configs
+  written before them). `text_encoder` passes a ready text module instead of building it
+  from `model_config.text.encoder` (the trainer already holds one it loaded).
+  """
+  # Workdirs written before the field existed computed at "highest" on CPU alike.
+  precision = model_config.get("precision", "highest")
+  speech = model_config.get("speech")
+  speech_kind = speech.get("kind", "features") if speech is not None else "features"
+  if speech_kind not in SPEECH_KINDS:
+    raise ConfigError(f"config.model.speech.kind must be one of {SPEECH_KINDS}, "
+                      f"got {speech_kind!r}")
+  settings = speech_tower_lib.settings_from_config(speech) if speech_kind == "audio" else None
+  text_kind, text_module = _text_kind_and_encoder(model_config, precision, text_encoder)
   return ClaspModel(
       fusion=model_config.fusion,
       mode=model_config.mode,
@@ -91,18 +221,144 @@ def model_from_config(model_config: ml_collections.ConfigDict, loss_config: ml_c
       branch_hidden=tuple(model_config.branch_hidden),
       branch_dropout=tuple(model_config.branch_dropout),
       fusion_hidden=tuple(model_config.fusion_hidden),
-      # Workdirs written before the field existed computed at "highest" on CPU alike.
-      precision=model_config.get("precision", "highest"),
+      precision=precision,
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,
       use_bias=loss_config.kind == "sigmoid",
       bias_init=loss_config.bias_init,
       axis_name=axis_name,
-      text_encoder=text_encoder,
+      text_encoder=text_module,
+      speech_kind=speech_kind,
+      speech_tower=settings,
+      text_kind=text_kind,
   )
 
 
+def pretrained_params(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The pretrained towers' parameters, keyed by their top-level parameter name.
+
+  {'ssl_encoder': ...} when `config.model.speech.checkpoint` names an SSL checkpoint in audio
+  mode, {'text_encoder': ...} when the text tower is an encoder; nothing else (the fusion
+  encoder, the spectrogram encoder and the logit scale start at random, in the train state's
+  own initialisation). Reads each checkpoint once; initialises nothing. Accepts old configs.
+  """
+  config = upgrade_config(config)
+  params = {}
+  ssl_params = speech_tower_lib.load(config)
+  if ssl_params is not None:
+    params["ssl_encoder"] = ssl_params
+  text_params = text_tower.load_params(config)
+  if text_params is not None:
+    params["text_encoder"] = text_params
+  return params
+
+
+TextEncoder = Callable[[Sequence[str]], dict[str, np.ndarray]]
+
+
+def tokenizer_for(tower: text_tower.TextTower) -> TextEncoder:
+  """Sentences -> fixed-length `input_ids` and `attention_mask` (one compiled shape)."""
+
+  def encode(texts: Sequence[str]) -> dict[str, np.ndarray]:
+    input_ids, attention_mask = tower.pad_batch(tower.tokenize(list(texts)),
+                                                length=tower.max_length)
+    return {"input_ids": np.asarray(input_ids, np.int32),
+            "attention_mask": np.asarray(attention_mask, np.int32)}
+
+  return encode
+
+
+@dataclasses.dataclass
+class BuiltModel:
+  """A model from config with what goes with it.
+
+  `pretrained`: top-level parameter name -> weights that `create_train_state` places into the
+  state instead of a random initialisation. `text_encoder`: what the input pipeline runs on each
+  batch's sentences (None when the text embeddings are precomputed in the data).
+  """
+
+  model: ClaspModel
+  pretrained: dict[str, Any]
+  text_encoder: TextEncoder | None
+  text_tower: text_tower.TextTower | None
+  speech_description: str
+  text_description: str
+  embed_dim: int
+
+  def check_batch(self, arrays: Mapping[str, np.ndarray], host: Mapping[str, np.ndarray]):
+    """Clear errors for data that cannot feed this model (before anything is compiled)."""
+    speech_inputs = (("audio",) if self.model.speech_kind == "audio" else
+                     {"joint": ("speech", "spectrogram"), "speech": ("speech",),
+                      "spectrogram": ("spectrogram",)}[self.model.mode])
+    missing = [name for name in speech_inputs if name not in arrays]
+    if missing:
+      raise ConfigError(f"config.model.speech.kind={self.model.speech_kind!r} reads {missing}, "
+                        f"which this data does not hold (it holds {sorted(arrays)}): audio "
+                        "mode needs built audio datasets (config.data.kind='audio'), feature "
+                        "mode feature splits")
+    if self.text_tower is not None:
+      if not all(str(text) for text in host["text"]):
+        raise ConfigError("config.model.text.encoder needs the sentences of each split, but "
+                          "this data has none (feature splits need sentences.json; "
+                          "synthetic_features has none)")
+    elif "text" not in arrays:
+      raise ConfigError("the data holds no precomputed text embeddings ('text'): set "
+                        "config.model.text.kind='encoder' and config.model.text.encoder=DIR")
+    elif arrays["text"].shape[-1] != self.embed_dim:
+      raise ConfigError(f"config.model.embed_dim={self.embed_dim} must equal the text "
+                        f"embedding width ({arrays['text'].shape[-1]})")
+
+
+def build(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> BuiltModel:
+  """The model `config` describes, its pretrained tower weights (each read once) and its text
+  input. Accepts configs of every layout (upgrade_config)."""
+  config = upgrade_config(config)
+  text = config.model.text
+  tower = None
+  if text.kind == "encoder":
+    tower = text_tower.load(text.encoder, max_length=text.get("max_length", 0) or None)
+    if tower.embedding_dim != config.model.embed_dim:
+      raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
+                        f"tower's embedding width ({tower.embedding_dim})")
+  model = model_from_config(config.model, config.loss, axis_name=axis_name,
+                            text_encoder=tower.model if tower is not None else None)
+  pretrained = {}
+  ssl_params = speech_tower_lib.load(config)
+  if ssl_params is not None:
+    pretrained["ssl_encoder"] = ssl_params
+  if tower is not None:
+    pretrained["text_encoder"] = tower.params
+  speech = config.model.speech
+  if model.speech_kind == "audio":
+    speech_description = (f"audio: SSL encoder {speech.checkpoint or 'at random'}, "
+                          f"spectrogram encoder, {config.model.fusion} fusion")
+  else:
+    speech_description = f"{config.model.fusion} fusion over precomputed features"
+  text_description = (f"{text.encoder} ({tower.embedding_dim}-d, top "
+                      f"{text.get('trainable_top_layers', 0)} layers trainable)"
+                      if tower is not None else "precomputed embeddings")
+  return BuiltModel(model=model, pretrained=pretrained,
+                    text_encoder=tokenizer_for(tower) if tower is not None else None,
+                    text_tower=tower, speech_description=speech_description,
+                    text_description=text_description, embed_dim=config.model.embed_dim)
+
+
 def example_batch(data_dims: Mapping[str, int], batch_size: int = 2) -> dict[str, Any]:
-  """Zeros shaped like one feature batch, for initialisation and shape inference."""
-  return {name: jnp.zeros((batch_size, dim), jnp.float32) for name, dim in data_dims.items()}
+  """Zeros shaped like one batch, for initialisation and shape inference.
+
+  `data_dims` maps each input to its width: feature vectors ('speech', 'spectrogram',
+  'text') are (batch, dim) float32; 'audio' (samples) also gives an all-valid 'audio_mask',
+  and 'input_ids' (tokens) an all-valid 'attention_mask'.
+  """
+  batch = {}
+  for name, dim in data_dims.items():
+    if name == "audio":
+      batch["audio"] = jnp.zeros((batch_size, dim), jnp.float32)
+      batch["audio_mask"] = jnp.ones((batch_size, dim), bool)
+    elif name == "input_ids":
+      batch["input_ids"] = jnp.zeros((batch_size, dim), jnp.int32)
+      batch["attention_mask"] = jnp.ones((batch_size, dim), jnp.int32)
+    else:
+      batch[name] = jnp.zeros((batch_size, dim), jnp.float32)
+  return batch

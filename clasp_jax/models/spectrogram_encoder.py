@@ -9,11 +9,18 @@ Padded batches: only the time axis is padded. After every layer the padded time 
 zeroed, convolutions pad with ((k - 1) // 2) zeros on both sides, and every pooling and
 batch statistic counts valid steps only, so a padded row gives the same output as the clip
 alone (in inference mode).
+
+Data parallelism: with `axis_name` set (the 'data' axis of a shard_map or pmap), every
+BatchNorm takes its training statistics over the valid positions of the global batch, so
+each device normalises as one large batch would and all devices keep identical running
+statistics. Flax's `nn.BatchNorm(axis_name=..., mask=...)` would average the per-device
+masked means instead, which weighs a device of short clips as much as one of long clips.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -85,6 +92,53 @@ def _time_mask(lengths: jax.Array, width: int) -> jax.Array:
   return (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.float32)[:, None, :, None]
 
 
+class MaskedBatchNorm(nn.Module):
+  """Flax BatchNorm semantics (names, momentum, biased running variance) over valid positions.
+
+  `mask` marks the positions that count towards the statistics; the normalisation itself is
+  applied everywhere (callers zero the padding afterwards). Statistics are sums and counts,
+  combined with `psum` over `axis_name`, so they are those of the global batch whatever the
+  share of padding on each device. The variance takes two passes (no E[x^2] - E[x]^2
+  cancellation on dB inputs near -40).
+  """
+
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    features = inputs.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    values = inputs.astype(jnp.float32)
+    if train:
+      weights = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
+      axes = tuple(range(values.ndim - 1))
+      # Collectives need a bound axis; `init` runs outside shard_map and updates nothing.
+      synchronise = self.axis_name is not None and not self.is_initializing()
+      total_and_count = (jnp.sum(values * weights, axes), jnp.sum(weights, axes))
+      if synchronise:
+        total_and_count = jax.lax.psum(total_and_count, self.axis_name)
+      total, count = total_and_count
+      count = jnp.maximum(count, 1.0)
+      mean = total / count
+      squares = jnp.sum(jnp.square(values - mean) * weights, axes)
+      if synchronise:
+        squares = jax.lax.psum(squares, self.axis_name)
+      var = squares / count
+      if not self.is_initializing():
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    else:
+      mean, var = running_mean.value, running_var.value
+    normalized = (values - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+    return normalized.astype(self.dtype)
+
+
 class ConvBnAct(nn.Module):
   """Conv -> BatchNorm (valid steps only) -> optional swish, padded steps zeroed."""
 
@@ -95,6 +149,7 @@ class ConvBnAct(nn.Module):
   activate: bool = True
   config: Config = Config()
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, lengths: jax.Array, train: bool):
@@ -105,9 +160,8 @@ class ConvBnAct(nn.Module):
                      name="conv")(images)
     lengths = downsampled_lengths(lengths, self.stride)
     mask = _time_mask(lengths, images.shape[2])
-    images = nn.BatchNorm(use_running_average=not train, momentum=self.config.batch_norm_momentum,
-                          epsilon=self.config.batch_norm_epsilon, dtype=self.dtype, name="bn")(
-                              images, mask=jnp.broadcast_to(mask > 0, images.shape))
+    images = MaskedBatchNorm(self.config.batch_norm_momentum, self.config.batch_norm_epsilon,
+                             self.axis_name, self.dtype, name="bn")(images, mask > 0, train=train)
     if self.activate:
       images = nn.swish(images)
     return images * mask.astype(images.dtype), lengths
@@ -139,22 +193,23 @@ class MBConv(nn.Module):
   stride: int
   config: Config = Config()
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, lengths: jax.Array, train: bool):
     in_channels = images.shape[-1]
     inputs, input_lengths = images, lengths
     hidden = in_channels * self.expand_ratio
+    conv_bn = functools.partial(ConvBnAct, config=self.config, dtype=self.dtype,
+                                axis_name=self.axis_name)
     if self.expand_ratio != 1:
-      images, lengths = ConvBnAct(hidden, 1, config=self.config, dtype=self.dtype,
-                                  name="expand")(images, lengths, train)
-    images, lengths = ConvBnAct(hidden, self.kernel_size, self.stride, groups=hidden,
-                                config=self.config, dtype=self.dtype, name="depthwise")(
-                                    images, lengths, train)
+      images, lengths = conv_bn(hidden, 1, name="expand")(images, lengths, train)
+    images, lengths = conv_bn(hidden, self.kernel_size, self.stride, groups=hidden,
+                              name="depthwise")(images, lengths, train)
     reduced = max(1, int(in_channels * self.config.squeeze_excitation_ratio))
     images = SqueezeExcitation(reduced, self.dtype, name="se")(images, lengths)
-    images, lengths = ConvBnAct(self.out_channels, 1, activate=False, config=self.config,
-                                dtype=self.dtype, name="project")(images, lengths, train)
+    images, lengths = conv_bn(self.out_channels, 1, activate=False, name="project")(
+        images, lengths, train)
     if self.stride == 1 and in_channels == self.out_channels:
       images = images + inputs
       lengths = input_lengths
@@ -165,11 +220,14 @@ class Model(nn.Module):
   """Spectrogram (batch, bins, frames) + frame mask -> (batch, output_dim) feature.
 
   `precision` names the convolution and matmul precision (`clasp_jax.models.precision`).
+  `axis_name` synchronises every BatchNorm's training statistics over that mapped axis
+  (see the module docstring); None keeps them per device.
   """
 
   config: Config = Config()
   dtype: Any = jnp.float32
   precision: str = "highest"
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, spectrogram: jax.Array, frame_mask: jax.Array | None = None, *,
@@ -186,22 +244,23 @@ class Model(nn.Module):
     images = spectrogram[..., None].astype(self.dtype)  # (batch, H=bins, W=frames, 1)
     # Decibel scales differ with `ref` (0 dB at the peak or at amplitude 1): a batch-norm on
     # the single input channel learns the offset and spread instead of a hard-coded one.
-    input_mask = jnp.broadcast_to(_time_mask(lengths, frames) > 0, images.shape)
-    images = nn.BatchNorm(use_running_average=not train, momentum=config.batch_norm_momentum,
-                          epsilon=config.batch_norm_epsilon, dtype=self.dtype,
-                          name="input_norm")(images, mask=input_mask)
-    images = images * _time_mask(lengths, frames).astype(images.dtype)
+    input_mask = _time_mask(lengths, frames)
+    images = MaskedBatchNorm(config.batch_norm_momentum, config.batch_norm_epsilon,
+                             self.axis_name, self.dtype, name="input_norm")(
+                                 images, input_mask > 0, train=train)
+    images = images * input_mask.astype(images.dtype)
 
-    images, lengths = ConvBnAct(config.scaled_channels(config.stem_channels), 3, 2, config=config,
-                                dtype=self.dtype, name="stem")(images, lengths, train)
+    layer_settings = dict(config=config, dtype=self.dtype, axis_name=self.axis_name)
+    images, lengths = ConvBnAct(config.scaled_channels(config.stem_channels), 3, 2,
+                                name="stem", **layer_settings)(images, lengths, train)
     for stage_index, stage in enumerate(config.stages):
       for repeat in range(config.scaled_repeats(stage.repeats)):
         images, lengths = MBConv(config.scaled_channels(stage.channels), stage.expand_ratio,
                                  stage.kernel_size, stage.stride if repeat == 0 else 1,
-                                 config=config, dtype=self.dtype,
-                                 name=f"stage{stage_index}_block{repeat}")(images, lengths, train)
-    images, lengths = ConvBnAct(config.scaled_channels(config.head_channels), 1, config=config,
-                                dtype=self.dtype, name="head")(images, lengths, train)
+                                 name=f"stage{stage_index}_block{repeat}", **layer_settings)(
+                                     images, lengths, train)
+    images, lengths = ConvBnAct(config.scaled_channels(config.head_channels), 1,
+                                name="head", **layer_settings)(images, lengths, train)
     # Padded steps are already zero: the sum over (bins, frames) divides by valid positions.
     count = jnp.maximum(lengths.astype(jnp.float32) * images.shape[1], 1.0)[:, None]
     pooled = jnp.sum(images.astype(jnp.float32), axis=(1, 2)) / count  # (batch, channels)

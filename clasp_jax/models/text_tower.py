@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax.models import checkpoint_files
 from clasp_jax.models import compilation
 from clasp_jax.models import bert
 from clasp_jax.models import bert_checkpoint
@@ -256,6 +257,43 @@ def _check_param_tree(model: sentence_encoder.SentenceEncoder, params: Any, sour
                                        f"model at {differing[:8]}")
 
 
+def _check_folder(path: str) -> None:
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such model folder")
+  if not any(os.path.isfile(os.path.join(path, name)) for name in ("modules.json", "config.json")):
+    raise FileNotFoundError(f"{path}: not a sentence-transformers or Hugging Face model folder "
+                            "(no modules.json or config.json)")
+
+
+def _encoder_module(path: str, folder: sentence_encoder.SentenceTransformerFolder,
+                    tensor_names, precision: str, dtype: Any) -> sentence_encoder.SentenceEncoder:
+  """The Flax module of a folder; `tensor_names` (names or a tensor dict) says if it has a pooler."""
+  config = bert.BertConfig.from_hf(bert_checkpoint.read_hf_config(folder.transformer_dir),
+                                   with_pooler=bert_checkpoint.has_pooler(tensor_names),
+                                   precision=precision, dtype=dtype)
+  model = sentence_encoder.SentenceEncoder(config, folder.head)
+  _check_head_dims(model, path)
+  return model
+
+
+def module_from_folder(path: str | os.PathLike, *, precision: str = "highest",
+                       dtype: Any = jnp.float32) -> sentence_encoder.SentenceEncoder:
+  """The Flax module `load(path).model` would be, without reading the transformer's weights.
+
+  Reads the folder's configs, its small Dense head files and the transformer's tensor names
+  (safetensors header or shard index), so that a model can be built and shaped from its
+  config alone and its weights read once, by `load`.
+  """
+  path = os.fspath(path)
+  _check_folder(path)
+  folder = sentence_encoder.read_sentence_transformers_folder(path)
+  try:
+    names = checkpoint_files.tensor_names(folder.transformer_dir)
+  except ValueError as error:
+    raise bert_checkpoint.CheckpointError(str(error)) from None
+  return _encoder_module(path, folder, names, precision, dtype)
+
+
 def load(path: str | os.PathLike, *, precision: str = "highest", dtype: Any = jnp.float32,
          max_length: int | None = None, ignore_unused: Sequence[str] = ()) -> TextTower:
   """Loads a sentence-transformers (or plain Hugging Face BERT / XLM-R) folder.
@@ -272,25 +310,17 @@ def load(path: str | os.PathLike, *, precision: str = "highest", dtype: Any = jn
     ValueError / OSError: folder layouts or configurations this tower does not implement.
   """
   path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such model folder")
-  if not any(os.path.isfile(os.path.join(path, name)) for name in ("modules.json", "config.json")):
-    raise FileNotFoundError(f"{path}: not a sentence-transformers or Hugging Face model folder "
-                            "(no modules.json or config.json)")
+  _check_folder(path)
   folder = sentence_encoder.read_sentence_transformers_folder(path)
   tensors = bert_checkpoint.read_folder_tensors(folder.transformer_dir)
-  config = bert.BertConfig.from_hf(bert_checkpoint.read_hf_config(folder.transformer_dir),
-                                   with_pooler=bert_checkpoint.has_pooler(tensors),
-                                   precision=precision, dtype=dtype)
+  model = _encoder_module(path, folder, tensors, precision, dtype)
   transformer_params = bert_checkpoint.bert_params_from_hf(
-      tensors, config, ignore_unused=ignore_unused, source=folder.transformer_dir)
+      tensors, model.transformer, ignore_unused=ignore_unused, source=folder.transformer_dir)
   del tensors
-  model = sentence_encoder.SentenceEncoder(config, folder.head)
-  _check_head_dims(model, path)
   params = {"transformer": transformer_params, **folder.head_params}
   _check_param_tree(model, params, path)
   tokenizer = _load_tokenizer(folder.transformer_dir, folder.do_lower_case)
-  resolved_length = _resolve_max_length(folder, tokenizer, config, max_length)
+  resolved_length = _resolve_max_length(folder, tokenizer, model.transformer, max_length)
   return TextTower(model=model, params=jax.device_put(params), tokenizer=tokenizer,
                    max_length=resolved_length, buckets=bucket_lengths(resolved_length),
                    source=path)
@@ -321,3 +351,15 @@ def trainable_top_layers_regex(tower: TextTower, num_top: int, include_head: boo
   if include_head and dense_names:
     pattern = f"{pattern}|(?:^|/)(?:{'|'.join(dense_names)})/"
   return pattern
+
+
+def load_params(config) -> Any:
+  """Pretrained `text_encoder` parameters for a training config (None: precomputed text).
+
+  Reads `config.model.text.encoder` when `config.model.text.kind` is 'encoder'. The tower
+  module itself comes from `module_from_folder`, so the weights are read once, here.
+  """
+  text = config.model.text
+  if text.kind != "encoder":
+    return None
+  return load(text.encoder, max_length=text.max_length or None).params

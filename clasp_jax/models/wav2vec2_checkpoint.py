@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax.models import checkpoint_files
 from clasp_jax.models import wav2vec2
 
 Array = np.ndarray
@@ -291,6 +292,48 @@ def read_json(folder: str, file_name: str) -> dict | None:
     raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
+def _read_hf_config(folder: str) -> dict:
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{folder}: not a checkpoint folder")
+  hf_config = read_json(folder, "config.json")
+  if hf_config is None:
+    raise CheckpointError(f"{folder}: config.json not found")
+  return hf_config
+
+
+def _config_for(folder: str, hf_config: dict, tensor_names: Iterable[str],
+                with_ctc_head: bool | None) -> wav2vec2.Config:
+  """The architecture of a checkpoint: its config.json, corrected by the tensors it holds."""
+  tensor_names = set(tensor_names)
+  if with_ctc_head is None:
+    with_ctc_head = "lm_head.weight" in tensor_names
+  try:
+    config = wav2vec2.Config.from_hf_dict(hf_config, with_ctc_head=with_ctc_head)
+  except ValueError as error:
+    raise CheckpointError(f"{folder}/config.json: {error}") from None
+  # SpecAugment's embedding is saved whenever training used it, even where an inference
+  # config later set mask_time_prob to 0: the file, not the flag, says whether it exists.
+  return dataclasses.replace(config, has_masked_spec_embed=any(
+      name.endswith("masked_spec_embed") for name in tensor_names))
+
+
+def read_config(folder: str | os.PathLike, *, with_ctc_head: bool | None = None
+                ) -> tuple[wav2vec2.Config, Preprocessing]:
+  """The architecture and preprocessing `load(folder)` would give, without reading the weights.
+
+  Reads config.json, preprocessor_config.json and the weight file's tensor names only.
+  """
+  folder = os.fspath(folder)
+  hf_config = _read_hf_config(folder)
+  try:
+    names = checkpoint_files.tensor_names(folder)
+  except ValueError as error:
+    raise CheckpointError(str(error)) from None
+  config = _config_for(folder, hf_config, names, with_ctc_head)
+  preprocessing = Preprocessing.from_hf_dict(read_json(folder, "preprocessor_config.json") or {})
+  return config, preprocessing
+
+
 def load(folder: str | os.PathLike, *, with_ctc_head: bool | None = None, dtype: Any = jnp.float32,
          remat: bool = False, group_norm_valid_frames_only: bool = True,
          precision: str = "highest") -> SpeechCheckpoint:
@@ -304,22 +347,9 @@ def load(folder: str | os.PathLike, *, with_ctc_head: bool | None = None, dtype:
     dtype, remat, group_norm_valid_frames_only, precision: see `wav2vec2.Model`.
   """
   folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise CheckpointError(f"{folder}: not a checkpoint folder")
-  hf_config = read_json(folder, "config.json")
-  if hf_config is None:
-    raise CheckpointError(f"{folder}: config.json not found")
+  hf_config = _read_hf_config(folder)
   state_dict = read_state_dict(folder)
-  if with_ctc_head is None:
-    with_ctc_head = "lm_head.weight" in state_dict
-  try:
-    config = wav2vec2.Config.from_hf_dict(hf_config, with_ctc_head=with_ctc_head)
-  except ValueError as error:
-    raise CheckpointError(f"{folder}/config.json: {error}") from None
-  # SpecAugment's embedding is saved whenever training used it, even where an inference
-  # config later set mask_time_prob to 0: the file, not the flag, says whether it exists.
-  config = dataclasses.replace(config, has_masked_spec_embed=any(
-      name.endswith("masked_spec_embed") for name in state_dict))
+  config = _config_for(folder, hf_config, state_dict, with_ctc_head)
   params = convert_state_dict(state_dict, config, source=folder)
   preprocessing = Preprocessing.from_hf_dict(read_json(folder, "preprocessor_config.json") or {})
   model = wav2vec2.Model(config, dtype=dtype, remat=remat,

@@ -79,3 +79,28 @@ def dense_sigmoid_loss(zspeech: jax.Array, ztext: jax.Array, scale: jax.Array,
   count = logits.shape[0]
   signs = 2.0 * jnp.eye(count) - 1.0
   return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / count
+
+
+def ctc_loss(logits: jax.Array, frame_mask: jax.Array, labels: jax.Array, label_mask: jax.Array,
+             *, blank_id: int = 0) -> jax.Array:
+  """Connectionist temporal classification loss of per-frame logits, for an auxiliary head.
+
+  logits (batch, frames, vocab) with frame_mask (batch, frames); labels (batch, max_labels)
+  int with label_mask (batch, max_labels), valid entries first. Each clip's negative
+  log-likelihood is divided by its label count and the batch is averaged, as PyTorch's
+  `ctc_loss(reduction='mean', zero_infinity=True)`: a clip whose labels cannot be aligned
+  (fewer frames than labels plus the blanks that separate repeated labels) counts as 0
+  rather than as optax's huge finite stand-in for infinity, so one short clip cannot swamp
+  the gradient. Per device, like the contrastive losses: the mean of the per-device values
+  over equal shares of the batch is the global batch's loss.
+  """
+  frame_mask = frame_mask.astype(bool)
+  label_mask = label_mask.astype(bool)
+  per_clip = optax.ctc_loss(logits.astype(jnp.float32), 1.0 - frame_mask.astype(jnp.float32),
+                            labels, 1.0 - label_mask.astype(jnp.float32), blank_id=blank_id)
+  label_counts = jnp.sum(label_mask, axis=1)
+  # A repeated label needs a blank frame between its two copies.
+  repeats = jnp.sum((labels[:, 1:] == labels[:, :-1]) & label_mask[:, 1:], axis=1)
+  feasible = jnp.sum(frame_mask, axis=1) >= label_counts + repeats
+  per_clip = jnp.where(feasible, per_clip, 0.0) / jnp.maximum(label_counts, 1)
+  return jnp.mean(per_clip)

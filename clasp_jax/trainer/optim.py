@@ -65,8 +65,7 @@ def frozen_pattern(config: ml_collections.ConfigDict, params) -> str:
   """The effective freezing regex of a config, for a parameter tree."""
   model = config.get("model", {})
   patterns = [config.get("frozen_params", "")]
-  # Configs written before the text settings moved under `model` keep them at the top.
-  text = model.get("text", None) or config.get("text", None)
+  text = model.get("text", None)
   if text is not None and "text_encoder" in params:
     head = tuple(name for name in params["text_encoder"] if name != "transformer")
     patterns.append(tower_frozen_pattern(params, "text_encoder", TEXT_TOWER_LAYERS,

@@ -21,10 +21,11 @@ from absl import logging
 from jax.sharding import Mesh
 
 from clasp_jax.common.config_args import ConfigError
+from clasp_jax.common.workdir import upgrade_config
 from clasp_jax.data import pipeline
 from clasp_jax.evaluators import get_evaluator_class
 from clasp_jax.models import precision
-from clasp_jax.models import towers
+from clasp_jax.models import clasp
 from clasp_jax.models.fusion import FUSIONS, MODES
 from clasp_jax.trainer import optim, state as state_lib, steps
 from clasp_jax.trainer.checkpointing import Checkpointer, abstract_like
@@ -75,6 +76,7 @@ def _data_record(config: ml_collections.ConfigDict, num_train: int) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
   # ---------------------------------------------------------------- Config checks and mesh.
+  config = upgrade_config(config)
   mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
   validate_config(config, mesh.size)
   os.makedirs(workdir, exist_ok=True)
@@ -82,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.process_count())
 
   # ---------------------------------------------------------------- Model and towers.
-  built = towers.build(config, axis_name=steps.AXIS)
+  built = clasp.build(config, axis_name=steps.AXIS)
   model = built.model
   logging.info("model: speech %s, text %s", built.speech_description, built.text_description)
 

@@ -135,3 +135,31 @@ def build_wav2vec2_ctc(folder):
                                                             return_attention_mask=False)
   feature_extractor.save_pretrained(folder)
   return model, feature_extractor, folder
+
+
+def build_hubert(folder, *, stable_layer_norm=True, seed=0):
+  """A tiny bare HuBERT checkpoint (hubert-large-ls960-ft's layout by default: layer-norm
+  conv extractor with bias, stable pre-LN) with a normalising feature-extractor config.
+
+  Layer norms get random scales and biases: at their (1, 0) init, swapped tensors would
+  go unnoticed. Returns (model, feature_extractor, folder).
+  """
+  config = transformers.HubertConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+      conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
+      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+      feat_extract_norm="layer" if stable_layer_norm else "group",
+      do_stable_layer_norm=stable_layer_norm, conv_bias=stable_layer_norm)
+  torch.manual_seed(seed)
+  model = transformers.HubertModel(config).eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, tensor in model.named_parameters():
+      if "norm" in name:
+        centre = 1.0 if name.endswith("weight") else 0.0
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3 + centre)
+  model.save_pretrained(folder)
+  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True,
+                                                            return_attention_mask=True)
+  feature_extractor.save_pretrained(folder)
+  return model, feature_extractor, str(folder)

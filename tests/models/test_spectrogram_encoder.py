@@ -1,12 +1,15 @@
 """The MBConv spectrogram encoder: output size, padding invariance, scaling rules, training."""
 
+import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from clasp_jax.models import spectrogram
 from clasp_jax.models import spectrogram_encoder
@@ -123,3 +126,63 @@ def test_parameter_count_grows_with_width_and_depth():
   assert count(spectrogram_encoder.Config(width_multiplier=1.0)) > small
   assert count(spectrogram_encoder.Config(depth_multiplier=1.0)) > small
   assert 1e6 < small < 2e6  # the "small default" of the docstring
+
+
+def test_masked_batch_norm_without_axis_is_flax_batch_norm():
+  """axis_name=None keeps what nn.BatchNorm(mask=...) computed: outputs and running stats."""
+  values = _spectrograms(batch=4, bins=6, frames=10)[..., None] * np.arange(1, 4)  # 3 channels
+  mask = np.broadcast_to((np.arange(10)[None] < np.array([10, 7, 3, 1])[:, None])[:, None, :, None],
+                         values.shape)
+  ours = spectrogram_encoder.MaskedBatchNorm(momentum=0.9, epsilon=1e-3)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+  variables = ours.init(jax.random.PRNGKey(0), values, mask, train=False)
+  variables = jax.tree.map(lambda x: x + np.linspace(0.5, 1.5, x.size).reshape(x.shape),
+                           variables)  # scale, bias and running stats away from (1, 0)
+  for train in (True, False):
+    flax_bn = flax_bn.copy(use_running_average=not train)
+    got, got_stats = ours.apply(variables, values, mask, train=train, mutable=["batch_stats"])
+    want, want_stats = flax_bn.apply(variables, values, mask=mask, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_axis_name_synchronises_batch_statistics_over_devices():
+  """Under shard_map on 8 devices, train-mode outputs and updated statistics equal one device's
+  run on the global batch, although each device holds a different share of padding."""
+  config = dataclasses.replace(TINY, dropout_rate=0.0)  # dropout masks differ per device
+  devices = jax.devices()
+  assert len(devices) == 8
+  batch, frames = 16, 30
+  images = _spectrograms(batch=batch, frames=frames, seed=3)
+  lengths = np.random.RandomState(4).randint(1, frames + 1, size=batch)
+  lengths[:2] = frames  # device 0 holds only full clips, others mostly padding
+  frame_mask = np.arange(frames)[None] < lengths[:, None]
+  variables = spectrogram_encoder.init_variables(config, bins=20, frames=frames)
+
+  def run(model, variables, images, frame_mask):
+    outputs, updates = model.apply(variables, images, frame_mask, train=True,
+                                   mutable=["batch_stats"])
+    return outputs, updates["batch_stats"]
+
+  dense_outputs, dense_stats = jax.jit(functools.partial(run, spectrogram_encoder.Model(config)))(
+      variables, images, frame_mask)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  sharded = jax.jit(jax.shard_map(
+      functools.partial(run, spectrogram_encoder.Model(config, axis_name="data")), mesh=mesh,
+      in_specs=(P(), P("data"), P("data")), out_specs=(P("data"), P()), check_vma=False))
+  outputs, stats = sharded(variables, images, frame_mask)
+  np.testing.assert_allclose(outputs, dense_outputs, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(dense_stats)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Every BatchNorm took part. (Means after a normalised layer stay near 0; variances move.)
+  variances = [(want["var"], before["var"]) for want, before in zip(
+      jax.tree.leaves(dense_stats, is_leaf=lambda x: "var" in x),
+      jax.tree.leaves(variables["batch_stats"], is_leaf=lambda x: "var" in x))]
+  assert len(variances) == 11 and all(not np.allclose(a, b) for a, b in variances)
+  # Without axis_name each device would normalise with its own statistics: visibly different.
+  unsynchronised = jax.jit(jax.shard_map(
+      functools.partial(run, spectrogram_encoder.Model(config)), mesh=mesh,
+      in_specs=(P(), P("data"), P("data")), out_specs=(P("data"), P()), check_vma=False))
+  assert np.abs(np.asarray(unsynchronised(variables, images, frame_mask)[0])
+                - dense_outputs).max() > 1e-3

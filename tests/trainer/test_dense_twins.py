@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from clasp_jax.data import pipeline
-from clasp_jax.models import towers
+from clasp_jax.models import clasp
 from clasp_jax.trainer import optim, state as state_lib, steps
 from configs import base
 
@@ -22,7 +22,7 @@ NUM_STEPS = 3
 def _train(config, devices, batches):
   """NUM_STEPS train steps on a mesh over `devices`, from the same initial state."""
   mesh = Mesh(np.asarray(devices), ("data",))
-  built = towers.build(config, axis_name="data")
+  built = clasp.build(config, axis_name="data")
   state, tx, frozen = state_lib.create_train_state(
       built.model, batches[0], seed=0, mesh=mesh, pretrained=built.pretrained,
       frozen_pattern=functools.partial(optim.frozen_pattern, config),
@@ -74,8 +74,8 @@ def test_unsynchronised_batch_norm_would_differ():
   config.model.branch_dropout = (0.0, 0.0)
   batches = _feature_batches(config)
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
-  synced = towers.build(config, axis_name="data").model
-  local = towers.build(config, axis_name=None).model
+  synced = clasp.build(config, axis_name="data").model
+  local = clasp.build(config, axis_name=None).model
   variables = synced.init(jax.random.key(0), batches[0], train=False)
 
   def stats(model):

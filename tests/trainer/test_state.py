@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh
 
 from clasp_jax.data import pipeline
-from clasp_jax.models import towers
+from clasp_jax.models import clasp
 from clasp_jax.trainer import losses, optim, state as state_lib, steps
 from configs import base
 
@@ -34,14 +34,15 @@ def feature_dir(tmp_path_factory):
 
 def _config(feature_dir, encoder):
   config = base.get_config(f"tiny,features={feature_dir}")
-  config.text.encoder = encoder
-  config.text.max_length = 16
+  config.model.text.kind = "encoder"
+  config.model.text.encoder = encoder
+  config.model.text.max_length = 16
   config.schedule.kind = "constant"  # A warm-up would make the first update zero.
   return config
 
 
 def _setup(config, mesh, frozen_pattern):
-  built = towers.build(config, axis_name="data")
+  built = clasp.build(config, axis_name="data")
   train_input = pipeline.for_split(config, "train", mesh=mesh, train=True,
                                    text_encoder=built.text_encoder)
   example, _ = train_input.local_batch(0)
@@ -71,7 +72,7 @@ def test_pretrained_tower_is_placed_not_initialised(feature_dir, labse_like_dir)
 
 def test_pretrained_weights_of_the_wrong_shape_are_a_clear_error(feature_dir, labse_like_dir):
   config = _config(feature_dir, labse_like_dir)
-  built = towers.build(config)
+  built = clasp.build(config)
   bad = jax.tree.map(lambda x: x[..., :1] if x.ndim else x, built.pretrained["text_encoder"])
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   example, _ = pipeline.for_split(config, "train", mesh=mesh, train=True,
@@ -84,7 +85,7 @@ def test_pretrained_weights_of_the_wrong_shape_are_a_clear_error(feature_dir, la
 def test_frozen_parameters_stay_and_the_gradient_norm_covers_the_trainable(feature_dir,
                                                                            labse_like_dir):
   config = _config(feature_dir, labse_like_dir)
-  config.text.trainable_top_layers = 1
+  config.model.text.trainable_top_layers = 1
   pattern = functools.partial(optim.frozen_pattern, config)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   built, train_input, example, state, tx, frozen = _setup(config, mesh, lambda params: (
@@ -104,7 +105,7 @@ def test_frozen_parameters_stay_and_the_gradient_norm_covers_the_trainable(featu
   batch = jax.device_put(example)
   before = jax.device_get(state.params)
 
-  dense_model = towers.build(config).model  # No collectives: one device, the whole batch.
+  dense_model = clasp.build(config).model  # No collectives: one device, the whole batch.
 
   def dense_loss(params):
     (zspeech, ztext, out), _ = dense_model.apply(

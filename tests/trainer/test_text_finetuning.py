@@ -34,9 +34,10 @@ def feature_dir(tmp_path_factory):
 
 def _config(feature_dir, encoder, top_layers):
   config = base.get_config(f"tiny,features={feature_dir}")
-  config.text.encoder = encoder
-  config.text.trainable_top_layers = top_layers
-  config.text.max_length = 16
+  config.model.text.kind = "encoder"
+  config.model.text.encoder = encoder
+  config.model.text.trainable_top_layers = top_layers
+  config.model.text.max_length = 16
   config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 8, 8, 8
   return config
 
@@ -65,6 +66,7 @@ def test_top_layer_fine_tunes_and_the_rest_stays_frozen(tmp_path, feature_dir):
 def test_text_encoder_needs_sentences(tmp_path):
   encoder = build_labse_like(tmp_path / "labse")
   config = base.get_config("tiny")
-  config.text.encoder = encoder
+  config.model.text.kind = "encoder"
+  config.model.text.encoder = encoder
   with pytest.raises(trainer.ConfigError, match="needs the sentences"):
     trainer.train_and_evaluate(config, str(tmp_path / "w"))

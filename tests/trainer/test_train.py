@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh
 
 from clasp_jax.data import pipeline
-from clasp_jax.models import towers
+from clasp_jax.models import clasp
 from clasp_jax.trainer import optim, state as state_lib, steps, trainer
 from clasp_jax.trainer.checkpointing import Checkpointer
 from configs import base
@@ -80,7 +80,7 @@ def test_tiny_run_learns_and_logs(tmp_path):
 
 def _train_state(config, mesh):
   """The trainer's own way: model from config, pipeline, create_train_state."""
-  built = towers.build(config, axis_name="data")
+  built = clasp.build(config, axis_name="data")
   train_input = pipeline.for_split(config, "train", mesh=mesh, train=True)
   example, _ = train_input.local_batch(0)
   make_optimizer = lambda params: optim.make_optimizer(config, params, total_steps=100,
