@@ -10,13 +10,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clasp_jax.common.mesh import DATA_AXIS
 from clasp_jax.data.features import FeatureSplit
 from clasp_jax.data.sampling import EpochSampler
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays split over the 'data' axis."""
-  sharding = NamedSharding(mesh, P("data"))
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
   return {name: jax.make_array_from_process_local_data(sharding, value)
           for name, value in local_batch.items()}
 

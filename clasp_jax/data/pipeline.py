@@ -24,12 +24,12 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from clasp_jax.common.mesh import DATA_AXIS
 from clasp_jax.data import audio_io
 from clasp_jax.data.sampling import EpochSampler
 from clasp_jax.data.sampling import FullPassSampler, LengthBucketedSampler
 from clasp_jax.data.tfds_builder import INT16_SCALE
 
-DATA_AXIS = "data"
 HOST_FIELDS = ("id", "text", "language", "category", "speaker", "source")
 # Encodes this process's texts, e.g. a tokenizer: list of str -> {name: (n, ...) array}.
 TextEncoder = Callable[[Sequence[str]], dict[str, np.ndarray]]

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -16,7 +13,9 @@ from jax.sharding import Mesh
 from clasp_jax.trainer import optim
 from clasp_jax.models import text_tower
 from clasp_jax.trainer.checkpointing import Checkpointer
+from clasp_jax.common import workdir as workdir_files
 from clasp_jax.common.config_args import ConfigError
+from clasp_jax.common.mesh import data_mesh
 from clasp_jax.data import feature_pipeline, features
 from clasp_jax.models.clasp import model_from_config
 
@@ -69,14 +68,6 @@ def embed_feature_split(embed_batch: Callable, split: features.FeatureSplit, bat
   return embeddings
 
 
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
                         features_dir: str = "") -> tuple[dict[str, np.ndarray], int]:
   """Embeds a split with the newest checkpoint of a training workdir.
@@ -84,10 +75,10 @@ def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
   The data is the workdir config's (`features_dir` points a `features` config elsewhere).
   Returns the embeddings mapping and the checkpoint step.
   """
-  config = read_workdir_config(workdir)
+  config = workdir_files.read_config(workdir)
   if features_dir:
     config.data.kind, config.data.directory = "features", features_dir
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = data_mesh()
   batch_size = batch_size or config.eval_batch_size
   batch_size = -(-batch_size // mesh.size) * mesh.size  # A multiple of the device count.
   tower = None

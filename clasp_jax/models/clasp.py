@@ -19,10 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from clasp_jax.models.fusion import FusionEncoder
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
+from clasp_jax.models.layers import l2_normalize
 
 
 class ClaspModel(nn.Module):

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from clasp_jax.common.mesh import DATA_AXIS as AXIS
 from clasp_jax.trainer import losses
-
-AXIS = "data"
 
 
 def mean_over_devices(tree):
