@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax.common.mesh import DATA_AXIS
 from clasp_jax.models import compilation
 from clasp_jax.models import bert
 from clasp_jax.models import bert_checkpoint
+from clasp_jax.models import hf_checkpoint
 from clasp_jax.models import sentence_encoder
 
 DEFAULT_BATCH_SIZE = 64
@@ -146,7 +148,7 @@ class TextTower:
       yield indices, input_ids, attention_mask
 
   def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
-            mesh: jax.sharding.Mesh | None = None, data_axis: str = "data",
+            mesh: jax.sharding.Mesh | None = None, data_axis: str = DATA_AXIS,
             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(len(texts), embedding_dim) float32 sentence embeddings, rows in input order.
 
@@ -252,8 +254,8 @@ def _check_param_tree(model: sentence_encoder.SentenceEncoder, params: Any, sour
                    for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   if expected_shapes != actual_shapes:
     differing = sorted(set(expected_shapes.items()) ^ set(actual_shapes.items()))
-    raise bert_checkpoint.CheckpointError(f"{source}: converted parameters differ from the Flax "
-                                       f"model at {differing[:8]}")
+    raise hf_checkpoint.CheckpointError(f"{source}: converted parameters differ from the Flax "
+                                        f"model at {differing[:8]}")
 
 
 def load(path: str | os.PathLike, *, precision: str = "highest", dtype: Any = jnp.float32,
@@ -268,7 +270,7 @@ def load(path: str | os.PathLike, *, precision: str = "highest", dtype: Any = jn
     ignore_unused: regexes of checkpoint tensors allowed to stay unused (e.g. r"^lm_head\\.").
 
   Raises:
-    bert_checkpoint.CheckpointError: missing, unused or mis-shaped tensors.
+    hf_checkpoint.CheckpointError: missing, unused or mis-shaped tensors.
     ValueError / OSError: folder layouts or configurations this tower does not implement.
   """
   path = os.fspath(path)
@@ -278,8 +280,8 @@ def load(path: str | os.PathLike, *, precision: str = "highest", dtype: Any = jn
     raise FileNotFoundError(f"{path}: not a sentence-transformers or Hugging Face model folder "
                             "(no modules.json or config.json)")
   folder = sentence_encoder.read_sentence_transformers_folder(path)
-  tensors = bert_checkpoint.read_folder_tensors(folder.transformer_dir)
-  config = bert.BertConfig.from_hf(bert_checkpoint.read_hf_config(folder.transformer_dir),
+  tensors = hf_checkpoint.read_weights(folder.transformer_dir)
+  config = bert.BertConfig.from_hf(hf_checkpoint.read_config(folder.transformer_dir),
                                    with_pooler=bert_checkpoint.has_pooler(tensors),
                                    precision=precision, dtype=dtype)
   transformer_params = bert_checkpoint.bert_params_from_hf(
