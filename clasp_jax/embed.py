@@ -16,6 +16,8 @@ if __name__ == "__main__":  # First: it may restart the process under tcmalloc (
 import importlib
 import sys
 
+from clasp_jax.common import cli
+
 SUBCOMMANDS = {
     "clasp": "clasp_jax.inference.clasp_embedding",
     "speech": "clasp_jax.inference.speech_embedding",
@@ -24,13 +26,17 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
-    print(__doc__.strip(), file=sys.stderr)
-    print(f"\nusage: python -m clasp_jax.embed {{{','.join(SUBCOMMANDS)}}} [flags]", file=sys.stderr)
-    return 0 if len(argv) >= 2 and argv[1] in ("-h", "--help", "help") else 2
-  module = importlib.import_module(SUBCOMMANDS[argv[1]])
-  # The sub-command sees itself as the program, so its absl flags parse as usual.
-  return module.run([f"{argv[0]} {argv[1]}"] + argv[2:])
+  if len(argv) >= 2 and argv[1] in SUBCOMMANDS:
+    module = importlib.import_module(SUBCOMMANDS[argv[1]])
+    # The sub-command sees itself as the program, so its flags parse as usual.
+    return module.run([f"{argv[0]} {argv[1]}"] + argv[2:])
+  if len(argv) >= 2 and argv[1] in cli.HELP_ARGUMENTS:
+    print(f"{__doc__.strip()}\n\nusage: python -m clasp_jax.embed {{{','.join(SUBCOMMANDS)}}} "
+          "[flags]")
+    return 0
+  given = f", got {argv[1]!r}" if len(argv) >= 2 else ""
+  return cli.report_error(f"expected a sub-command, one of {', '.join(SUBCOMMANDS)}{given}",
+                          usage=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ r"""Retrieval evaluation of paired speech/text embeddings with the paper's proto
   python -m clasp_jax.evaluate --baseline=asr --data=DATASET_DIR --split=test \
       --speech_encoder=HF_CTC_DIR --text_encoder=SENTENCE_DIR --output=metrics.json [...]
 
-With --workdir, a checkpoint of a training run (--checkpoint: best by default) embeds the split of its own data
-config (or of --features, a feature folder) and those embeddings are evaluated. With
+With --workdir, a checkpoint of a training run (--checkpoint: best by default) embeds the
+split of its own data config (or of --features, a feature folder) and those embeddings are
+evaluated. With
 --baseline=asr, the paper's ASR cascade is evaluated on a built speech-text dataset
 (python -m clasp_jax.data.build): each clip is transcribed by greedy CTC decoding and the
 transcript, like the reference text, is embedded by the sentence encoder.
@@ -29,76 +30,75 @@ if __name__ == "__main__":  # First: it may restart the process under tcmalloc (
   allocator.reexec_under_tcmalloc()
 
 import json
-import logging as std_logging
 import os
 import sys
 import time
 import zipfile
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import numpy as np
 
-from clasp_jax.common import cli as cli_flags
+from clasp_jax.common import cli
+from clasp_jax.common.config_args import ConfigError
 from clasp_jax.retrieval import evaluation as protocols
 from clasp_jax.retrieval import scoring
-from clasp_jax.common.config_args import ConfigError
 
-_EMBEDDINGS = flags.DEFINE_string(
+FLAGS = cli.FlagValues()
+
+_EMBEDDINGS = FLAGS.DEFINE_string(
     "embeddings", None, ".npz file with `speech` and `text` (N x d, row i of each a pair) and "
     "optional `category`, `language`, `source`, `text_id`, `query_text`, `query_language`, "
     "`query_text_id`.")
-_WORKDIR = flags.DEFINE_string(
+_WORKDIR = FLAGS.DEFINE_string(
     "workdir", None, "A training workdir: embed --split with its --checkpoint instead of "
     "reading --embeddings.")
-_SPLIT = flags.DEFINE_string("split", "test", "With --workdir or --baseline: the split.")
-_CHECKPOINT = flags.DEFINE_string(
+_SPLIT = FLAGS.DEFINE_string("split", "test", "With --workdir or --baseline: the split.")
+_CHECKPOINT = FLAGS.DEFINE_string(
     "checkpoint", "best", "With --workdir: 'best' (the step that scored best on the "
     "early-stopping metric; the newest when no evaluation ran), 'latest', or a step number.")
-_FEATURES = flags.DEFINE_string(
+_FEATURES = FLAGS.DEFINE_string(
     "features", "", "With --workdir: a feature folder to read --split from instead of the "
     "workdir config's data.")
-_BASELINE = flags.DEFINE_enum(
+_BASELINE = FLAGS.DEFINE_enum(
     "baseline", None, ["asr"], "asr: evaluate the ASR cascade (CTC transcript -> sentence "
     "encoder) on --data instead of reading --embeddings.")
-_DATA = flags.DEFINE_list(
+_DATA = FLAGS.DEFINE_list(
     "data", None, "With --baseline: built speech-text dataset folder(s), concatenated.")
-_SPEECH_ENCODER = flags.DEFINE_string(
+_SPEECH_ENCODER = FLAGS.DEFINE_string(
     "speech_encoder", None, "With --baseline=asr: a HuBERT/wav2vec2 *ForCTC folder.")
-_TEXT_ENCODER = flags.DEFINE_string(
+_TEXT_ENCODER = FLAGS.DEFINE_string(
     "text_encoder", None, "With --baseline=asr: a sentence-transformers folder (LaBSE).")
-_TRANSCRIPTS = flags.DEFINE_string(
+_TRANSCRIPTS = FLAGS.DEFINE_string(
     "transcripts", None, "With --baseline=asr: also write ID<TAB>TRANSCRIPT<TAB>TEXT lines here.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON file to write every metric to.")
-_PROTOCOL = flags.DEFINE_enum(
+_OUTPUT = FLAGS.DEFINE_string("output", None, "JSON file to write every metric to.")
+_PROTOCOL = FLAGS.DEFINE_enum(
     "protocol", "hard", protocols.PROTOCOLS,
     "hard: rank against the whole corpus; soft: rank among --num_candidates candidates.")
-_NUM_CANDIDATES = flags.DEFINE_integer(
+_NUM_CANDIDATES = FLAGS.DEFINE_integer(
     "num_candidates", 100, "Soft protocol: candidates per query, the gold one included.")
-_SEED = flags.DEFINE_integer("seed", 0, "Soft protocol: seed of the random candidates.")
-_SKIP_TIES = flags.DEFINE_bool(
+_SEED = FLAGS.DEFINE_integer("seed", 0, "Soft protocol: seed of the random candidates.")
+_SKIP_TIES = FLAGS.DEFINE_bool(
     "skip_ties", False, "Leave out queries whose top score ties the gold one with another item "
     "(the paper's per-source rule); reports num_skipped.")
-_DUPLICATES_AS_HITS = flags.DEFINE_bool(
+_DUPLICATES_AS_HITS = FLAGS.DEFINE_bool(
     "duplicates_as_hits", False, "A text with the gold text's `text_id` counts as a hit.")
-_BREAKDOWNS = flags.DEFINE_list(
+_BREAKDOWNS = FLAGS.DEFINE_list(
     "breakdowns", None, "Fields to slice the queries by (category, language, source); default "
     "every one the file has; empty for none.")
-_CROSS_LINGUAL = flags.DEFINE_list(
+_CROSS_LINGUAL = FLAGS.DEFINE_list(
     "cross_lingual", [], "TEXT_LANG:SPEECH_LANG pairs: texts in the first retrieve speech in "
     "the second and back, paired by `text_id` (needs `language` and `text_id`).")
-_KS = flags.DEFINE_list("ks", ["1", "5", "10"], "The k of HITS@k.")
-_NORMALIZE = flags.DEFINE_bool(
+_KS = FLAGS.DEFINE_list("ks", ["1", "5", "10"], "The k of HITS@k.")
+_NORMALIZE = FLAGS.DEFINE_bool(
     "normalize", True, "L2-normalise the embeddings first, so scores are cosine similarities.")
-_BLOCK_ROWS = flags.DEFINE_integer(
+_BLOCK_ROWS = FLAGS.DEFINE_integer(
     "block_rows", 0, "At most this many speech rows per tile; 0: backend default.")
-_BLOCK_COLS = flags.DEFINE_integer(
+_BLOCK_COLS = FLAGS.DEFINE_integer(
     "block_cols", 0, "At most this many texts per tile; 0: backend default.")
-_CHUNK_ROWS = flags.DEFINE_integer(
+_CHUNK_ROWS = FLAGS.DEFINE_integer(
     "chunk_rows", 0, "Speech rows resident per device (rounded up to whole tiles); 0: default.")
-_CHUNK_COLS = flags.DEFINE_integer(
+_CHUNK_COLS = FLAGS.DEFINE_integer(
     "chunk_cols", 0, "Texts resident at a time (rounded up to whole tiles); 0: default.")
 
 
@@ -213,54 +213,39 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
   return settings
 
 
-def run(argv: list[str]) -> int:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
+def main() -> None:
   sources = [bool(_EMBEDDINGS.value), bool(_WORKDIR.value), bool(_BASELINE.value)]
-  if sum(sources) != 1 or not _OUTPUT.value:
-    print("error: --output and exactly one of --embeddings, --workdir and --baseline are "
-          "required", file=sys.stderr)
-    return 2
+  if sum(sources) != 1:
+    raise cli.FlagError("exactly one of --embeddings, --workdir and --baseline is required")
   if _BASELINE.value and not (_DATA.value and _SPEECH_ENCODER.value and _TEXT_ENCODER.value):
-    print("error: --baseline=asr needs --data, --speech_encoder and --text_encoder",
-          file=sys.stderr)
-    return 2
+    raise cli.FlagError("--baseline=asr needs --data, --speech_encoder and --text_encoder")
   started = time.perf_counter()
-  # JAX logs every accelerator it fails to find at INFO; only our progress belongs there.
-  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
-  try:
-    protocol = _protocol()
-    blocking = _blocking()
-    if _EMBEDDINGS.value:
-      logging.info("reading %s", _EMBEDDINGS.value)
-      arrays = load_embeddings(_EMBEDDINGS.value)
-    elif _WORKDIR.value:
-      arrays = _embed_from_workdir()
-    else:
-      arrays = _embed_asr_cascade()
-    # The arrays were just made for this run, so they are normalised where they lie.
-    corpus = protocols.Corpus.from_mapping(arrays, normalize=_NORMALIZE.value, in_place=True,
-                                           strict=True)
-    logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
-                 corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
-                 jax.default_backend())
-    metrics = protocols.evaluate(corpus, protocol, blocking=blocking,
-                                 progress=lambda line: logging.info("%s", line))
-  except (protocols.InputError, scoring.TooManyPairsError, FileNotFoundError,
-          ConfigError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+  _RUN_INFO.clear()  # A second run in one process reports its own checkpoint.
+  protocol = _protocol()
+  blocking = _blocking()
+  if _EMBEDDINGS.value:
+    logging.info("reading %s", _EMBEDDINGS.value)
+    arrays = load_embeddings(_EMBEDDINGS.value)
+  elif _WORKDIR.value:
+    arrays = _embed_from_workdir()
+  else:
+    arrays = _embed_asr_cascade()
+  # The arrays were just made for this run, so they are normalised where they lie.
+  corpus = protocols.Corpus.from_mapping(arrays, normalize=_NORMALIZE.value, in_place=True,
+                                         strict=True)
+  logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
+               corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
+               jax.default_backend())
+  metrics = protocols.evaluate(corpus, protocol, blocking=blocking,
+                               progress=lambda line: logging.info("%s", line))
   output = dict(metrics)
   output.update(_settings(protocol, corpus))
-  directory = os.path.dirname(os.path.abspath(_OUTPUT.value))
   try:
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
       json.dump(output, f, indent=2, sort_keys=True)
   except OSError as error:
-    print(f"error: --output: cannot write {_OUTPUT.value}: {error}", file=sys.stderr)
-    return 1
+    raise cli.UsageError(f"--output: cannot write {_OUTPUT.value}: {error}") from None
   first_k = min(protocol.ks)
   for direction in protocols.DIRECTIONS:
     if f"{direction}/mrr" in metrics:
@@ -270,12 +255,13 @@ def run(argv: list[str]) -> int:
             f"({int(metrics[f'{direction}/num_queries'])} queries)")
   print(f"wrote {len(metrics)} metrics to {_OUTPUT.value} in "
         f"{time.perf_counter() - started:.1f} s")
-  return 0
 
 
-def main():
-  app.run(lambda argv: sys.exit(run(argv)), flags_parser=cli_flags.parse_flags)
+def run(argv: list[str] | None = None) -> int:
+  return cli.run(main, argv, flag_values=FLAGS, doc=__doc__, required=("output",),
+                 errors=(protocols.InputError, scoring.TooManyPairsError, FileNotFoundError,
+                         ConfigError))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run())

@@ -14,33 +14,32 @@ if __name__ == "__main__":  # First: it may restart the process under tcmalloc (
   from clasp_jax.common import allocator
   allocator.reexec_under_tcmalloc()
 
-import json
 import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from absl import logging
+from ml_collections import config_flags
 
-from clasp_jax.common import cli as cli_flags
-from clasp_jax.common.workdir import upgrade_config
+from clasp_jax.common import cli
+from clasp_jax.common import workdir as workdir_files
+from clasp_jax.common.config_args import ConfigError
 
+FLAGS = cli.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, optionally with an argument: configs/base.py:paper.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-_DISTRIBUTED = flags.DEFINE_bool(
+    flag_values=FLAGS, lock_config=True)
+_WORKDIR = FLAGS.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+_DISTRIBUTED = FLAGS.DEFINE_bool(
     "distributed", os.environ.get("CLASP_DISTRIBUTED", "") == "1",
     "Call jax.distributed.initialize() first (multi-host TPU/GPU; also CLASP_DISTRIBUTED=1).")
 
 
 def _config_from_workdir(workdir: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise app.UsageError(f"--config is required: {path} does not exist to resume from")
-  with open(path) as f:
-    # Workdirs written by earlier releases hold older layouts (the text block at the top).
-    config = upgrade_config(config_dict.ConfigDict(json.load(f)))
+  try:
+    config = workdir_files.read_config(workdir)
+  except workdir_files.WorkdirError as error:
+    raise cli.FlagError(f"--config is required: {error}, nothing to resume from") from None
   config.lock()
   return config
 
@@ -54,25 +53,20 @@ class _QuietLibraries:
     return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
-def main(argv):
+def main() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
   from clasp_jax.trainer import trainer  # Imported after initialize(): it touches jax.devices().
   config = _CONFIG.value or _config_from_workdir(_WORKDIR.value)
-  try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (trainer.ConfigError, FileNotFoundError) as error:
-    logging.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
-    return 1
-  return 0
+  trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+def run(argv: list[str] | None = None) -> int:
+  return cli.run(main, argv, flag_values=FLAGS, doc=__doc__, required=("workdir",),
+                 errors=(ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli_flags.parse_flags)
+  sys.exit(run())

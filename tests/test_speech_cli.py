@@ -148,7 +148,7 @@ def test_flag_and_input_errors(encoder, audio, tmp_path, capsys):
   for flag in ("--encoder", "--input", "--output", "--layer", "--[no]skip_bad", "--batch_size"):
     assert flag in help_text
   assert run_embed(f"--encoder={folder}", f"--input={good}") == 2
-  assert "missing required flag: --output" in capsys.readouterr().err
+  assert "error: missing required flag(s): --output (see --help)" in capsys.readouterr().err
   assert run_embed(f"--encoder={folder}", f"--input={tmp_path / 'nothing'}", "--output=x.npy") == 1
   assert "no such file or folder" in capsys.readouterr().err
   assert run_embed(f"--encoder={tmp_path}", f"--input={good}", "--output=x.npy") == 1

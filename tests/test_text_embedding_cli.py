@@ -72,15 +72,15 @@ def test_help_lists_the_flags(capsys):
 
 
 @pytest.mark.parametrize("arguments,code,message", [
-    ([], 1, "missing required flag(s): --encoder, --input, --output"),
+    ([], 2, "missing required flag(s): --encoder, --input, --output (see --help)"),
     (["--encoder={missing}", "--input={input}", "--output={out}"], 1, "no such folder"),
     (["--encoder={tmp}", "--input={input}", "--output={out}"], 1, "not a sentence-transformers"),
     (["--encoder={tmp}", "--input={missing}", "--output={out}"], 1, "no such file"),
     (["--encoder={tmp}", "--input={bad_utf8}", "--output={out}"], 1, "not UTF-8 (line 2"),
-    (["--encoder={tmp}", "--input={input}", "--output={tmp}/out.txt"], 1, "must end in .npy"),
+    (["--encoder={tmp}", "--input={input}", "--output={tmp}/out.txt"], 2, "must end in .npy"),
     (["--encoder={tmp}", "--input={input}", "--output={out}", "--batch_size=0"], 2,
      "--batch_size"),
-    (["--encoder={tmp}", "--input={input}", "--output={out}", "stray"], 1,
+    (["--encoder={tmp}", "--input={input}", "--output={out}", "stray"], 2,
      "unexpected argument(s): stray"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, input_file, capsys, arguments, code, message):

@@ -1,15 +1,26 @@
-"""Reading configs that workdirs wrote, whatever release of the config layout wrote them."""
+"""A training workdir's saved config, read in today's layout whatever release wrote it.
+
+`read_config` is how the trainer resumes and how evaluation, embedding and conversion rebuild
+a model; `upgrade_config` is where fields that later releases added get their defaults.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import ml_collections
 
 from clasp_jax.common.config_args import ConfigError
 
+CONFIG_FILE = "config.json"
 TEXT_DEFAULTS = {"kind": "precomputed", "encoder": "", "trainable_top_layers": 0,
                  "max_length": 64}
+
+
+class WorkdirError(ConfigError):
+  """A folder that is not a readable training workdir; the message says what is missing."""
 
 
 def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -28,7 +39,7 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if "model" not in config:
       raise ConfigError("config has no `model` block: not a CLASP training config")
     model = config.model
-    if "text" in config:
+    if "text" in config and "encoder" in config.text:
       if "text" in model:
         raise ConfigError("config has both a top-level `text` block (the old layout) and "
                           "`model.text`; keep only `model.text`")
@@ -38,7 +49,11 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                    if key in legacy})
       text["kind"] = "encoder" if text["encoder"] else "precomputed"
       model.text = ml_collections.ConfigDict(text)
-      del config["text"]
+      remaining = {key: value for key, value in legacy.items() if key not in text}
+      if remaining:
+        config.text = ml_collections.ConfigDict(remaining)
+      else:
+        del config["text"]
     elif "text" not in model:
       model.text = ml_collections.ConfigDict(TEXT_DEFAULTS)
     if "speech" not in model:
@@ -46,3 +61,19 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     elif "kind" not in model.speech:
       model.speech.kind = "features"
   return config
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config the trainer wrote into `workdir`, upgraded (unlocked: callers may retarget it)."""
+  workdir = os.fspath(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise WorkdirError(f"{workdir} is not a training workdir: {path} is missing")
+  try:
+    with open(path, encoding="utf-8") as stream:
+      values = json.load(stream)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise WorkdirError(f"{path}: not valid JSON ({error})") from None
+  if not isinstance(values, dict):
+    raise WorkdirError(f"{path}: expected a JSON object, got {type(values).__name__}")
+  return upgrade_config(ml_collections.ConfigDict(values))

@@ -15,6 +15,17 @@ import soundfile
 
 TARGET_SAMPLE_RATE = 16_000
 
+# What a folder walk takes for audio: every format libsndfile reads, plus .m4a, which releases
+# ship and libsndfile cannot decode; listing it turns such a file into a named "undecodable"
+# error instead of a silent gap.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aiff", ".aif",
+                    ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64")
+
+
+def is_audio_file(name: str) -> bool:
+  """Whether a file name has one of `AUDIO_EXTENSIONS` (any case)."""
+  return name.lower().endswith(AUDIO_EXTENSIONS)
+
 
 class UnusableInputError(Exception):
   """A file that cannot be used; `kind` (one of the subclass' KINDS) says why, for counted skips.

@@ -30,11 +30,11 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from clasp_jax.common.mesh import DATA_AXIS
 from clasp_jax.data import audio_io, features
 from clasp_jax.data.sampling import EpochSampler, FullPassSampler, LengthBucketedSampler
 from clasp_jax.data.tfds_builder import INT16_SCALE
 
-DATA_AXIS = "data"
 HOST_FIELDS = ("id", "text", "language", "category", "speaker", "source")
 # Encodes this process's texts, e.g. a tokenizer: list of str -> {name: (n, ...) array}.
 TextEncoder = Callable[[Sequence[str]], dict[str, np.ndarray]]

@@ -16,56 +16,52 @@ Needs espeak-ng and the fortunes packages: scripts/install_system_packages.sh.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax.common import allocator
+  allocator.reexec_under_tcmalloc()
+
 import json
 import os
 import sys
-from typing import Sequence
-
-from absl import app
-from absl import flags
 
 from clasp_jax.common import cli
 from clasp_jax.data import fortunes
 from clasp_jax.data import speech_corpus
 
-_OUTPUT = flags.DEFINE_string("output", None, "Corpus folder (audio/, manifest.jsonl, tfds/).")
-_LANGUAGES = flags.DEFINE_list("languages", ["en", "de", "es"],
+FLAGS = cli.FlagValues()
+_OUTPUT = FLAGS.DEFINE_string("output", None, "Corpus folder (audio/, manifest.jsonl, tfds/).")
+_LANGUAGES = FLAGS.DEFINE_list("languages", ["en", "de", "es"],
                                f"Languages among {', '.join(fortunes.LANGUAGE_FOLDERS)}.")
-_NUM_SENTENCES = flags.DEFINE_integer(
+_NUM_SENTENCES = FLAGS.DEFINE_integer(
     "num_sentences", 2400, "Sentences (= utterances) in total, split evenly over languages.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of sentence choice, speakers and splits.")
-_SPEAKERS = flags.DEFINE_integer("speakers_per_language", 8, "Distinct speakers per language.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
+_SEED = FLAGS.DEFINE_integer("seed", 0, "Seed of sentence choice, speakers and splits.")
+_SPEAKERS = FLAGS.DEFINE_integer("speakers_per_language", 8, "Distinct speakers per language.")
+_NUM_WORKERS = FLAGS.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                     "Parallel espeak-ng processes.")
-_FORTUNES_DIR = flags.DEFINE_string("fortunes_dir", fortunes.DEFAULT_FORTUNES_DIR,
+_FORTUNES_DIR = FLAGS.DEFINE_string("fortunes_dir", fortunes.DEFAULT_FORTUNES_DIR,
                                     "Root of the installed fortune files.")
-_ESPEAK = flags.DEFINE_string("espeak", "espeak-ng", "espeak-ng executable.")
-_BUILD = flags.DEFINE_bool("build", True, "Also build the manifest into OUTPUT/tfds.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing corpus in --output.")
+_ESPEAK = FLAGS.DEFINE_string("espeak", "espeak-ng", "espeak-ng executable.")
+_BUILD = FLAGS.DEFINE_bool("build", True, "Also build the manifest into OUTPUT/tfds.")
+_OVERWRITE = FLAGS.DEFINE_bool("overwrite", False, "Replace an existing corpus in --output.")
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _OUTPUT.value:
-    print("error: --output is required (see --help)", file=sys.stderr)
-    return 2
-  try:
-    summary = speech_corpus.synthesize_corpus(
-        os.path.expanduser(_OUTPUT.value), _LANGUAGES.value, _NUM_SENTENCES.value,
-        _SEED.value, _SPEAKERS.value, _NUM_WORKERS.value, _FORTUNES_DIR.value, _ESPEAK.value,
-        _BUILD.value, _OVERWRITE.value)
-  except (speech_corpus.SynthesisError, FileExistsError, FileNotFoundError,
-          ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+def main() -> None:
+  summary = speech_corpus.synthesize_corpus(
+      os.path.expanduser(_OUTPUT.value), _LANGUAGES.value, _NUM_SENTENCES.value,
+      _SEED.value, _SPEAKERS.value, _NUM_WORKERS.value, _FORTUNES_DIR.value, _ESPEAK.value,
+      _BUILD.value, _OVERWRITE.value)
   print(f"{summary['utterances']} utterances, {summary['hours']} h of audio, "
         f"{summary['total_seconds']} s; per language and split: "
         f"{json.dumps(summary['per_language_split'])}")
   if "dataset_dir" in summary:
     print(summary["dataset_dir"])
-  return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+  return cli.run(main, argv, flag_values=FLAGS, doc=__doc__, required=("output",),
+                 errors=(speech_corpus.SynthesisError, FileExistsError, FileNotFoundError,
+                         ValueError))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(run())

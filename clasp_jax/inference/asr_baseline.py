@@ -13,10 +13,10 @@ import numpy as np
 
 from clasp_jax.data import audio_io
 from clasp_jax.inference import ctc
+from clasp_jax.inference import speech
+from clasp_jax.inference.speech_batching import PAD_MULTIPLE_SECONDS, pad_batch
 from clasp_jax.models import text_tower
-from clasp_jax import transcribe
 from clasp_jax.models import wav2vec2, wav2vec2_checkpoint
-from clasp_jax.inference.speech_embedding import PAD_MULTIPLE_SECONDS, pad_batch
 
 
 def transcribe_waveforms(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint,
@@ -27,9 +27,9 @@ def transcribe_waveforms(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint,
   Preprocessing is the checkpoint's own (as `python -m clasp_jax.transcribe` applies it);
   clips shorter than the convolutional receptive field are zero-padded up to it.
   """
-  transcribe.require_ctc_head(checkpoint)
+  speech.require_ctc_head(checkpoint)
   vocabulary = ctc.CtcVocabulary.from_folder(checkpoint.path)
-  forward = transcribe.make_transcribe_forward(checkpoint, vocabulary)
+  forward = speech.make_transcribe_forward(checkpoint, vocabulary)
   min_samples = wav2vec2.receptive_field(checkpoint.config)
   pad_multiple = max(min_samples, int(PAD_MULTIPLE_SECONDS *
                                       checkpoint.preprocessing.sampling_rate))

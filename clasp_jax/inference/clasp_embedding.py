@@ -10,115 +10,85 @@ cropped to the config's max_duration_s, peak-normalised when the config says so)
 by the audio-mode model. One L2-normalised row per file; OUT.paths.txt names the rows.
 With --text, every line of the UTF-8 file is one sentence, embedded by the model's text tower.
 The rows are what the trainer's evaluators score for the same clips and sentences.
---checkpoint picks 'best' (default), 'latest' or a step.
+--checkpoint picks 'best' (the default), 'latest' or a step.
 """
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
+  from clasp_jax.common import allocator
+  allocator.reexec_under_tcmalloc()
+
 import sys
 
-from absl import flags
+from clasp_jax.common import cli
+from clasp_jax.common import workdir as workdir_files
+from clasp_jax.inference import speech_batching, speech_embedding, text_embedding
 
-from clasp_jax.inference import speech_embedding, text_embedding
+FLAGS = cli.FlagValues()
+FLAGS.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints/).")
+FLAGS.DEFINE_string("input", None, "An audio folder or list file; with --text, a text file.")
+FLAGS.DEFINE_string("output", None, "Where to write the (rows, dim) float32 .npy.")
+FLAGS.DEFINE_bool("text", False, "Embed sentences with the model's text tower instead.")
+FLAGS.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+FLAGS.DEFINE_integer("batch_size", 16, "Clips or sentences per forward pass.", lower_bound=1)
+FLAGS.DEFINE_bool("skip_bad", False, "Skip unreadable files (and say how many) instead of "
+                  "failing.")
 
-
-def _new_flag_values() -> flags.FlagValues:
-  flag_values = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints/).",
-                      flag_values=flag_values)
-  flags.DEFINE_string("input", None, "Audio folder or list file; with --text, a text file.",
-                      flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Where to write the (rows, dim) float32 .npy.",
-                      flag_values=flag_values)
-  flags.DEFINE_bool("text", False, "Embed sentences with the model's text tower instead.",
-                    flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("batch_size", 16, "Clips or sentences per forward pass.", lower_bound=1,
-                       flag_values=flag_values)
-  flags.DEFINE_bool("skip_bad", False, "Skip unreadable files (and say how many) instead of "
-                    "failing.", flag_values=flag_values)
-  return flag_values
+ERRORS = (speech_batching.InputListError, workdir_files.WorkdirError, FileNotFoundError,
+          ValueError, OSError)
 
 
-def _write(output: str, embeddings, paths=None) -> None:
-  import numpy as np
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  partial = output + ".partial.npy"  # Renamed into place: never a truncated .npy.
-  np.save(partial, embeddings)
-  os.replace(partial, output)
-  if paths is not None:
-    with open(speech_embedding.paths_file_for(output), "w", encoding="utf-8") as stream:
-      stream.writelines(path + "\n" for path in paths)
-  print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output}",
-        file=sys.stderr)
-
-
-def _embed_audio(trained, flag_values, program: str) -> int:
+def _embed_audio(trained) -> None:
   from clasp_jax.data import audio_io
-  paths = speech_embedding.list_audio_inputs(flag_values.input)
+  paths = speech_batching.list_audio_inputs(FLAGS.input)
   good_paths, waveforms, failures = [], [], []
   for path in paths:
     try:
       waveforms.append(audio_io.load_audio(path, audio_io.TARGET_SAMPLE_RATE))
       good_paths.append(path)
     except audio_io.UnusableInputError as error:
-      failures.append(speech_embedding.ReadFailure(path, str(error)))
-      print(f"{program}: {path}: {error}", file=sys.stderr)
-  exit_code = speech_embedding.report_failures(failures, flag_values.skip_bad, program)
-  if exit_code:
-    return exit_code
+      failures.append(speech_batching.ReadFailure(path, str(error)))
+      cli.report_error(str(error))
+  speech_embedding.check_failures(failures, FLAGS.skip_bad)
   if not waveforms:
-    print(f"{program}: no file could be embedded", file=sys.stderr)
-    return 1
-  progress = speech_embedding.Progress(len(waveforms), "embedded")
-  embeddings = trained.embed_waveforms(waveforms, batch_size=flag_values.batch_size,
-                                       progress=progress.update)
-  _write(flag_values.output, embeddings, good_paths)
-  return 0
+    raise cli.UsageError("no file could be embedded")
+  embeddings = trained.embed_waveforms(
+      waveforms, batch_size=FLAGS.batch_size,
+      progress=cli.Progress(len(waveforms), "files", verb="embedded"))
+  cli.save_npy(FLAGS.output, embeddings)
+  with open(speech_embedding.paths_file_for(FLAGS.output), "w", encoding="utf-8") as stream:
+    stream.writelines(path + "\n" for path in good_paths)
+  return embeddings
 
 
-def run(argv: list[str]) -> int:
-  """Entry point of `python -m clasp_jax.embed clasp`; returns the exit code."""
-  program = "embed clasp"
-  flag_values = _new_flag_values()
-  if any(arg in ("-h", "--help", "--helpshort", "--helpfull", "-help") for arg in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False))
-    return 0
-  try:
-    remaining = flag_values([program] + list(argv[1:]))
-  except flags.Error as error:
-    print(f"{program}: {error}\nrun with --help for the flags", file=sys.stderr)
-    return 2
-  missing = [name for name in ("workdir", "input", "output") if not flag_values[name].value]
-  if len(remaining) > 1 or missing:
-    problem = (f"unexpected arguments {remaining[1:]}" if len(remaining) > 1 else
-               "missing required flag(s): " + ", ".join(f"--{name}" for name in missing))
-    print(f"{program}: {problem}", file=sys.stderr)
-    return 2
-  if not flag_values.output.endswith(".npy"):
-    print(f"{program}: --output {flag_values.output}: must end in .npy", file=sys.stderr)
-    return 2
-
+def main() -> None:
+  if not FLAGS.output.endswith(".npy"):
+    raise cli.FlagError(f"--output {FLAGS.output}: must end in .npy")
   from clasp_jax.inference import workdir as workdir_lib
   from clasp_jax.trainer.checkpointing import parse_checkpoint_choice
   try:
-    trained = workdir_lib.load_trained(flag_values.workdir,
-                                       checkpoint=parse_checkpoint_choice(flag_values.checkpoint))
-    print(f"{program}: {flag_values.workdir}, checkpoint of step {trained.step}",
-          file=sys.stderr)
-    if flag_values.text:
-      sentences = text_embedding.read_sentences(flag_values.input)
-      _write(flag_values.output, trained.embed_texts(sentences,
-                                                     batch_size=flag_values.batch_size))
-      return 0
-    return _embed_audio(trained, flag_values, program)
-  except (speech_embedding.InputListError, text_embedding.UsageError, FileNotFoundError,
-          ValueError, OSError) as error:
-    print(f"{program}: {error}", file=sys.stderr)
-    return 1
+    checkpoint = parse_checkpoint_choice(FLAGS.checkpoint)
+  except ValueError as error:
+    raise cli.FlagError(str(error)) from None
+  if FLAGS.text:  # Read the input before the model: a bad file fails fast.
+    sentences = text_embedding.read_sentences(FLAGS.input)
+  trained = workdir_lib.load_trained(FLAGS.workdir, checkpoint=checkpoint)
+  print(f"{FLAGS.workdir}: checkpoint of step {trained.step}", file=sys.stderr)
+  if FLAGS.text:
+    embeddings = trained.embed_texts(sentences, batch_size=FLAGS.batch_size)
+    cli.save_npy(FLAGS.output, embeddings)
+  else:
+    embeddings = _embed_audio(trained)
+  print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {FLAGS.output}",
+        file=sys.stderr)
+
+
+def run(argv: list[str] | None = None) -> int:
+  """Entry point of `python -m clasp_jax.embed clasp`; returns the exit code."""
+  return cli.run(main, argv, flag_values=FLAGS, doc=__doc__,
+                 required=("workdir", "input", "output"), errors=ERRORS)
 
 
 if __name__ == "__main__":
-  sys.exit(run(sys.argv))
+  sys.exit(run())

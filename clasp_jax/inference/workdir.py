@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,21 +20,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clasp_jax.common.workdir import upgrade_config
+from clasp_jax.common import workdir as workdir_files
+from clasp_jax.common.mesh import data_mesh
 from clasp_jax.data import audio_io, pipeline
 from clasp_jax.data.tfds_builder import INT16_SCALE
 from clasp_jax.inference import split_embedding
 from clasp_jax.models import clasp
 from clasp_jax.trainer import steps
 from clasp_jax.trainer.checkpointing import Checkpointer
-
-
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
-  with open(path) as f:
-    return upgrade_config(ml_collections.ConfigDict(json.load(f)))
 
 
 @dataclasses.dataclass
@@ -175,10 +166,10 @@ def load_trained(workdir: str, *, checkpoint: int | str = "best",
                  features_dir: str = "") -> TrainedModel:
   """Rebuilds the model of `workdir` with the variables of `checkpoint` ('best', 'latest', or a
   step). `features_dir` points a feature-mode config at another feature folder."""
-  config = read_workdir_config(workdir)
+  config = workdir_files.read_config(workdir)
   if features_dir:
     config.data.kind, config.data.directory = "features", features_dir
-  mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
+  mesh = data_mesh()
   built = clasp.build(config)
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:

@@ -40,13 +40,10 @@ from clasp_jax.common.workdir import upgrade_config
 from clasp_jax.models import speech_tower as speech_tower_lib
 from clasp_jax.models import text_tower
 from clasp_jax.models.fusion import FusionEncoder
+from clasp_jax.models.layers import l2_normalize
 
 SPEECH_KINDS = ("features", "audio")
 TEXT_KINDS = ("precomputed", "encoder")
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
 
 
 def _require(batch: Mapping[str, Any], keys: tuple[str, ...], why: str) -> None:

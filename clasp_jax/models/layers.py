@@ -74,3 +74,14 @@ class BatchNorm(nn.Module):
 
 def leaky_relu(inputs: jax.Array) -> jax.Array:
   return nn.leaky_relu(inputs, negative_slope=0.01)  # PyTorch's default slope.
+
+
+def l2_normalize(vectors: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """torch.nn.functional.normalize: x / max(||x||, eps), so a zero vector stays zero.
+
+  Written as x * rsqrt(max(||x||^2, eps^2)): the same value, but the gradient of a zero vector
+  is finite (sqrt's derivative at 0 is infinite), so a padded or dead row cannot turn a
+  training step's gradients into NaN.
+  """
+  squared_norms = jnp.sum(jnp.square(vectors), axis=-1, keepdims=True)
+  return vectors * jax.lax.rsqrt(jnp.maximum(squared_norms, eps * eps))

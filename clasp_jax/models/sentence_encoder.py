@@ -9,7 +9,6 @@ implemented as sentence-transformers defines them, so the Flax tower reproduces 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -18,11 +17,11 @@ from typing import Any, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clasp_jax.models import activations
 from clasp_jax.models import bert
-from clasp_jax.models.bert_checkpoint import CheckpointError, read_folder_tensors
+from clasp_jax.models import hf_checkpoint
+from clasp_jax.models.layers import l2_normalize
 
 # Concatenation order of the legacy boolean pooling keys (sentence-transformers keeps it).
 _LEGACY_POOLING_KEYS = (
@@ -120,12 +119,6 @@ def pool_tokens(tokens: jax.Array, attention_mask: jax.Array,
   return jnp.concatenate(pooled, axis=-1)
 
 
-def l2_normalize(vectors: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """torch.nn.functional.normalize: x / max(||x||, eps), so a zero vector stays zero."""
-  norms = jnp.sqrt(jnp.sum(vectors * vectors, axis=-1, keepdims=True))
-  return vectors / jnp.maximum(norms, eps)
-
-
 class DenseHead(nn.Module):
   """sentence-transformers Dense: activation(linear(x)) [+ x or residual(x)]."""
 
@@ -182,11 +175,6 @@ class SentenceEncoder(nn.Module):
     return dim
 
 
-def _read_json(path: str) -> dict[str, Any]:
-  with open(path) as stream:
-    return json.load(stream)
-
-
 def pooling_modes_from_config(config: Mapping[str, Any]) -> tuple[str, ...]:
   """Both config styles: `pooling_mode` (str or list) or the legacy `pooling_mode_*` flags."""
   if "pooling_mode" in config:
@@ -218,25 +206,14 @@ def _dense_spec(config: Mapping[str, Any], name: str, module_dir: str) -> DenseS
 
 def dense_params_from_folder(spec: DenseSpec, module_dir: str) -> dict[str, Any]:
   """Maps the Dense module's `linear.*` / `residual.*` tensors; refuses missing or extra ones."""
-  tensors = read_folder_tensors(module_dir)
-  rules = [("linear.weight", ("linear", "kernel"), (spec.in_features, spec.out_features))]
-  if spec.bias:
-    rules.append(("linear.bias", ("linear", "bias"), (spec.out_features,)))
+  table = hf_checkpoint.RuleTable()
+  table.linear("linear", "linear", spec.in_features, spec.out_features, bias=spec.bias)
   if spec.use_residual and spec.in_features != spec.out_features:
-    rules.append(("residual.weight", ("residual", "kernel"), (spec.in_features, spec.out_features)))
-  params: dict[str, Any] = {}
-  missing = [name for name, _, _ in rules if name not in tensors]
-  unused = sorted(set(tensors) - {name for name, _, _ in rules})
-  if missing or unused:
-    raise CheckpointError(f"{module_dir}: Dense weights do not match its config "
-                          f"(missing: {missing or 'none'}; unused: {unused or 'none'})")
-  for name, (scope, leaf), shape in rules:
-    array = np.asarray(tensors[name])
-    array = array.T if leaf == "kernel" else array  # torch Linear stores (out, in)
-    if array.shape != shape:
-      raise CheckpointError(f"{module_dir}: {name} has shape {array.shape}, expected {shape}")
-    params.setdefault(scope, {})[leaf] = np.ascontiguousarray(array, dtype=np.float32)
-  return params
+    table.linear("residual", "residual", spec.in_features, spec.out_features, bias=False)
+  return hf_checkpoint.params_from_tensors(
+      hf_checkpoint.read_weights(module_dir), table.rules, source=module_dir,
+      model=f"its Dense config ({spec.in_features} -> {spec.out_features}, "
+            f"{'with' if spec.bias else 'no'} bias)")
 
 
 def read_sentence_transformers_folder(folder: str | os.PathLike) -> SentenceTransformerFolder:
@@ -254,8 +231,7 @@ def read_sentence_transformers_folder(folder: str | os.PathLike) -> SentenceTran
     return SentenceTransformerFolder(folder, settings.get("max_seq_length"),
                                      bool(settings.get("do_lower_case", False)),
                                      (PoolingSpec(("mean",)),), {})
-  with open(modules_path) as stream:
-    modules = json.load(stream)
+  modules = hf_checkpoint.read_config(folder, "modules.json")
   transformer_dir, settings = None, {}
   head: list[HeadStep] = []
   head_params: dict[str, Any] = {}
@@ -271,16 +247,14 @@ def read_sentence_transformers_folder(folder: str | os.PathLike) -> SentenceTran
       transformer_dir = module_dir
       settings = _transformer_settings(module_dir)
     elif kind == "Pooling":
-      head.append(PoolingSpec(pooling_modes_from_config(
-          _read_json(os.path.join(module_dir, "config.json")))))
+      head.append(PoolingSpec(pooling_modes_from_config(hf_checkpoint.read_config(module_dir))))
     elif kind == "Dense":
-      spec = _dense_spec(_read_json(os.path.join(module_dir, "config.json")),
+      spec = _dense_spec(hf_checkpoint.read_config(module_dir),
                          f"dense_{module.get('idx', position)}", module_dir)
       head.append(spec)
       head_params[spec.name] = dense_params_from_folder(spec, module_dir)
     else:
-      config_path = os.path.join(module_dir, "config.json")
-      config = _read_json(config_path) if os.path.isfile(config_path) else {}
+      config = hf_checkpoint.read_config(module_dir, required=False) or {}
       if config.get("module_input_name", "sentence_embedding") != "sentence_embedding":
         raise ValueError(f"{module_dir}: Normalize of {config['module_input_name']!r} is not "
                          "supported (only sentence_embedding)")
@@ -298,10 +272,10 @@ def _transformer_settings(module_dir: str) -> dict[str, Any]:
   """The Transformer module's sentence_*_config.json (max_seq_length, do_lower_case, task)."""
   settings = {}
   for filename in _TRANSFORMER_CONFIG_FILES:
-    path = os.path.join(module_dir, filename)
-    if os.path.isfile(path):
-      settings = _read_json(path)
+    settings = hf_checkpoint.read_config(module_dir, filename, required=False)
+    if settings is not None:
       break
+  settings = settings or {}
   task = settings.get("transformer_task", "feature-extraction")
   if task != "feature-extraction":
     raise ValueError(f"{module_dir}: transformer_task {task!r} is not a sentence encoder "

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax.common.mesh import DATA_AXIS
 from clasp_jax.models import checkpoint_files
 from clasp_jax.models import compilation
 from clasp_jax.models import bert
 from clasp_jax.models import bert_checkpoint
+from clasp_jax.models import hf_checkpoint
 from clasp_jax.models import sentence_encoder
 
 DEFAULT_BATCH_SIZE = 64
@@ -147,7 +149,7 @@ class TextTower:
       yield indices, input_ids, attention_mask
 
   def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
-            mesh: jax.sharding.Mesh | None = None, data_axis: str = "data",
+            mesh: jax.sharding.Mesh | None = None, data_axis: str = DATA_AXIS,
             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(len(texts), embedding_dim) float32 sentence embeddings, rows in input order.
 
@@ -253,8 +255,8 @@ def _check_param_tree(model: sentence_encoder.SentenceEncoder, params: Any, sour
                    for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   if expected_shapes != actual_shapes:
     differing = sorted(set(expected_shapes.items()) ^ set(actual_shapes.items()))
-    raise bert_checkpoint.CheckpointError(f"{source}: converted parameters differ from the Flax "
-                                       f"model at {differing[:8]}")
+    raise hf_checkpoint.CheckpointError(f"{source}: converted parameters differ from the Flax "
+                                        f"model at {differing[:8]}")
 
 
 def _check_folder(path: str) -> None:
@@ -268,7 +270,7 @@ def _check_folder(path: str) -> None:
 def _encoder_module(path: str, folder: sentence_encoder.SentenceTransformerFolder,
                     tensor_names, precision: str, dtype: Any) -> sentence_encoder.SentenceEncoder:
   """The Flax module of a folder; `tensor_names` (names or a tensor dict) says if it has a pooler."""
-  config = bert.BertConfig.from_hf(bert_checkpoint.read_hf_config(folder.transformer_dir),
+  config = bert.BertConfig.from_hf(hf_checkpoint.read_config(folder.transformer_dir),
                                    with_pooler=bert_checkpoint.has_pooler(tensor_names),
                                    precision=precision, dtype=dtype)
   model = sentence_encoder.SentenceEncoder(config, folder.head)
@@ -306,13 +308,13 @@ def load(path: str | os.PathLike, *, precision: str = "highest", dtype: Any = jn
     ignore_unused: regexes of checkpoint tensors allowed to stay unused (e.g. r"^lm_head\\.").
 
   Raises:
-    bert_checkpoint.CheckpointError: missing, unused or mis-shaped tensors.
+    hf_checkpoint.CheckpointError: missing, unused or mis-shaped tensors.
     ValueError / OSError: folder layouts or configurations this tower does not implement.
   """
   path = os.fspath(path)
   _check_folder(path)
   folder = sentence_encoder.read_sentence_transformers_folder(path)
-  tensors = bert_checkpoint.read_folder_tensors(folder.transformer_dir)
+  tensors = hf_checkpoint.read_weights(folder.transformer_dir)
   model = _encoder_module(path, folder, tensors, precision, dtype)
   transformer_params = bert_checkpoint.bert_params_from_hf(
       tensors, model.transformer, ignore_unused=ignore_unused, source=folder.transformer_dir)

@@ -49,7 +49,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-AXIS = "data"
+from clasp_jax.common.mesh import DATA_AXIS as AXIS
+
 # Gold pairs beyond this multiple of the corpus size mean the keys are not text ids but
 # something coarse (a category, a constant); scoring them would be quadratic.
 MAX_PAIRS_PER_ITEM = 64

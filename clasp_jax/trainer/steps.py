@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from clasp_jax.common.mesh import DATA_AXIS as AXIS
 from clasp_jax.trainer import losses, optim
 from clasp_jax.trainer.state import TrainState
-
-AXIS = "data"
 
 
 def mean_over_devices(tree):

@@ -14,7 +14,7 @@ soundfile = pytest.importorskip("soundfile")
 from clasp_jax.inference import asr_baseline  # noqa: E402
 from clasp_jax.retrieval import metrics
 from clasp_jax.models import text_tower
-from clasp_jax import transcribe
+from clasp_jax.inference import speech
 from clasp_jax.data import reader  # noqa: E402
 from clasp_jax.models import wav2vec2_checkpoint  # noqa: E402
 from tests.helpers.checkpoints import build_labse_like  # noqa: E402
@@ -89,7 +89,7 @@ def test_transcribe_waveforms_matches_the_file_cli(ctc_encoder, tmp_path):
   rng = np.random.default_rng(0)
   clip = (0.2 * rng.standard_normal(12000)).astype(np.float32)
   soundfile.write(tmp_path / "clip.wav", clip, 16000, subtype="FLOAT")
-  from_file = transcribe.transcribe(str(ctc_folder), [str(tmp_path / "clip.wav")]).transcripts
+  from_file = speech.transcribe(str(ctc_folder), [str(tmp_path / "clip.wav")]).transcripts
   checkpoint = wav2vec2_checkpoint.load(str(ctc_folder))
   assert asr_baseline.transcribe_waveforms(checkpoint, [clip]) == from_file
 

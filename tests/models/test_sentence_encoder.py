@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sentence_transformers")
 
 from clasp_jax.models import bert
+from clasp_jax.models import hf_checkpoint
 from clasp_jax.models import sentence_encoder
 
 try:
@@ -59,10 +60,22 @@ def test_dense_matches_sentence_transformers(tmp_path, activation, out_features,
   np.testing.assert_allclose(np.asarray(ours), expected.numpy(), atol=1e-6, rtol=1e-6)
 
 
-def test_normalize_keeps_zero_vectors_finite():
-  vectors = jnp.array([[3.0, 4.0], [0.0, 0.0]])
-  np.testing.assert_allclose(np.asarray(sentence_encoder.l2_normalize(vectors)),
-                             [[0.6, 0.8], [0.0, 0.0]])
+def test_dense_weights_that_do_not_match_the_config_are_named(tmp_path):
+  torch.manual_seed(0)
+  Dense(6, 4, activation_function=torch.nn.Tanh()).save(str(tmp_path))
+  with open(tmp_path / "config.json") as stream:
+    config = json.load(stream)
+  config["bias"] = False  # The file still holds linear.bias, which nothing would read.
+  spec = sentence_encoder._dense_spec(config, "dense_2", str(tmp_path))
+  with pytest.raises(hf_checkpoint.CheckpointError,
+                     match=r"does not match its Dense config .*1 unused tensor\(s\): linear\.bias"):
+    sentence_encoder.dense_params_from_folder(spec, str(tmp_path))
+  config.update(bias=True, out_features=5)
+  spec = sentence_encoder._dense_spec(config, "dense_2", str(tmp_path))
+  with pytest.raises(hf_checkpoint.CheckpointError,
+                     match=r"2 shape mismatch\(es\): linear\.weight: checkpoint \(4, 6\) gives "
+                           r"\(6, 4\), expected \(6, 5\)"):
+    sentence_encoder.dense_params_from_folder(spec, str(tmp_path))
 
 
 def test_legacy_and_new_pooling_configs_agree():

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 from clasp_jax.models import bert_checkpoint
+from clasp_jax.models import hf_checkpoint
 from clasp_jax.models import text_tower
 from tests.helpers import checkpoints
 
@@ -161,7 +162,7 @@ def test_top_layer_regex_selects_exactly_the_top_layers(labse_dir):
 
 def _rewrite_weights(folder, edit):
   path = os.path.join(folder, "model.safetensors")
-  tensors = bert_checkpoint.read_safetensors(path)
+  tensors = hf_checkpoint.read_safetensors(path)
   edit(tensors)
   from safetensors.numpy import save_file
   save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, path)
@@ -175,13 +176,13 @@ def labse_copy(tmp_path, labse_dir):
 def test_missing_tensor_is_refused_by_name(labse_copy):
   _rewrite_weights(labse_copy, lambda t: t.pop("encoder.layer.1.attention.self.key.bias"))
   with pytest.raises(bert_checkpoint.CheckpointError,
-                     match=r"missing tensors: encoder\.layer\.1\.attention\.self\.key\.bias"):
+                     match=r"1 missing tensor\(s\): encoder\.layer\.1\.attention\.self\.key\.bias"):
     text_tower.load(labse_copy)
 
 
 def test_unused_tensor_is_refused_unless_ignored(labse_copy):
   _rewrite_weights(labse_copy, lambda t: t.update({"lm_head.bias": np.zeros(3, np.float32)}))
-  with pytest.raises(bert_checkpoint.CheckpointError, match=r"unused tensors: lm_head\.bias"):
+  with pytest.raises(bert_checkpoint.CheckpointError, match=r"1 unused tensor\(s\): lm_head\.bias"):
     text_tower.load(labse_copy)
   assert text_tower.load(labse_copy, ignore_unused=[r"^lm_head\."]).embedding_dim == 16
 
@@ -198,7 +199,7 @@ def test_shape_mismatch_is_refused(labse_copy):
 
 
 def test_task_model_prefix_is_stripped(labse_dir):
-  tensors = bert_checkpoint.read_folder_tensors(labse_dir)
+  tensors = hf_checkpoint.read_weights(labse_dir)
   config = text_tower.load(labse_dir).model.transformer
   plain = bert_checkpoint.bert_params_from_hf(tensors, config)
   prefixed = {f"bert.{name}": array for name, array in tensors.items()}
@@ -213,7 +214,7 @@ def test_bf16_safetensors_are_read(tmp_path):
   from safetensors.torch import save_file
   weights = torch.randn(3, 4).to(torch.bfloat16)
   save_file({"w": weights}, str(tmp_path / "w.safetensors"))
-  read = bert_checkpoint.read_safetensors(tmp_path / "w.safetensors")["w"]
+  read = hf_checkpoint.read_safetensors(tmp_path / "w.safetensors")["w"]
   np.testing.assert_array_equal(read.astype(np.float32), weights.float().numpy())
 
 

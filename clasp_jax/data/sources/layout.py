@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import os
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+from clasp_jax.data import audio_io
 
 
 class AudioIndex:
@@ -26,7 +26,7 @@ class AudioIndex:
       by_name = collections.defaultdict(list)
       for folder, _, files in os.walk(self.root):
         for name in files:
-          if name.lower().endswith(AUDIO_EXTENSIONS):
+          if audio_io.is_audio_file(name):
             by_name[name].append(os.path.join(folder, name))
       self._by_name = {name: sorted(paths) for name, paths in by_name.items()}
     return self._by_name
