@@ -1,8 +1,15 @@
 r"""Retrieval evaluation of paired speech/text embeddings with the paper's protocols.
 
   python -m clasp_jax.evaluate --embeddings=test.npz --output=metrics.json \
-      [--protocol=hard|soft] [--num_candidates=100] [--seed=0] [--skip_ties] \
+      [--protocol=hard|soft] [--num_candidates=100] [--seed=0] [--candidates=FILE] \
+      [--ties=expected|paper|optimistic|pessimistic] [--skip_ties] [--threshold=0.45] \
       [--duplicates_as_hits] [--breakdowns=category,language,source] [--cross_lingual=fr:en]
+
+The paper's numbers, exactly as the authors' code computes them (HITS@1 = argmax == gold, a
+tie going to the lower index; their tie skipping):
+
+  python -m clasp_jax.evaluate --embeddings=test.npz --output=metrics.json --ties=paper \
+      --skip_ties
   python -m clasp_jax.evaluate --workdir=TRAIN_DIR --split=test --output=metrics.json [...]
 
   python -m clasp_jax.evaluate --baseline=asr --data=DATASET_DIR --split=test \
@@ -42,9 +49,10 @@ import jax
 import numpy as np
 
 from clasp_jax.common import cli as cli_flags
-from clasp_jax.retrieval import evaluation as protocols
-from clasp_jax.retrieval import scoring
 from clasp_jax.common.config_args import ConfigError
+from clasp_jax.retrieval import evaluation as protocols
+from clasp_jax.retrieval import metrics as metrics_lib
+from clasp_jax.retrieval import scoring
 
 _EMBEDDINGS = flags.DEFINE_string(
     "embeddings", None, ".npz file with `speech` and `text` (N x d, row i of each a pair) and "
@@ -75,9 +83,24 @@ _PROTOCOL = flags.DEFINE_enum(
 _NUM_CANDIDATES = flags.DEFINE_integer(
     "num_candidates", 100, "Soft protocol: candidates per query, the gold one included.")
 _SEED = flags.DEFINE_integer("seed", 0, "Soft protocol: seed of the random candidates.")
+_CANDIDATES = flags.DEFINE_string(
+    "candidates", None, "Soft protocol: a file whose line i lists the candidate indices of "
+    "query i (spaces or commas, the gold one anywhere, as many on every line), e.g. the "
+    "authors' lists, instead of --num_candidates random ones; both directions use it.")
+_TIES = flags.DEFINE_enum(
+    "ties", metrics_lib.DEFAULT_TIE_RULE, metrics_lib.TIE_RULES,
+    "How a tie with the gold candidate counts. expected: averaged over a random order of the "
+    "tied candidates; paper: the authors' code (HITS@1 = argmax == gold, a tie goes to the "
+    "lower index; ranks count strictly higher scores); optimistic: every tie is won; "
+    "pessimistic: every tie is lost.")
 _SKIP_TIES = flags.DEFINE_bool(
     "skip_ties", False, "Leave out queries whose top score ties the gold one with another item "
-    "(the paper's per-source rule); reports num_skipped.")
+    "(with --ties=paper only when that item has the lower index, as the authors skip); "
+    "reports num_skipped.")
+_THRESHOLD = flags.DEFINE_float(
+    "threshold", None, "Also report the authors' golden accuracy (share of queries whose gold "
+    "score is at least this) and macro / micro precision, recall and F1 of the decisions "
+    "'candidate scores at least this'.")
 _DUPLICATES_AS_HITS = flags.DEFINE_bool(
     "duplicates_as_hits", False, "A text with the gold text's `text_id` counts as a hit.")
 _BREAKDOWNS = flags.DEFINE_list(
@@ -173,13 +196,16 @@ def _protocol() -> protocols.Protocol:
       duplicates_as_hits=_DUPLICATES_AS_HITS.value,
       breakdowns=None if _BREAKDOWNS.value is None else tuple(_BREAKDOWNS.value),
       cross_lingual=protocols.parse_cross_lingual(_CROSS_LINGUAL.value),
-      ks=ks)
+      ks=ks,
+      ties=_TIES.value,
+      threshold=_THRESHOLD.value)
 
 
 def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[str, object]:
   settings = {
       "settings/protocol": protocol.kind,
       "settings/skip_ties": protocol.skip_ties,
+      "settings/ties": protocol.ties,
       "settings/duplicates_as_hits": protocol.duplicates_as_hits,
       "settings/num_pairs": corpus.size,
       "settings/dim": int(corpus.zspeech.shape[1]),
@@ -195,7 +221,11 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
     settings["settings/split"] = _SPLIT.value
     settings["settings/speech_encoder"] = os.path.abspath(_SPEECH_ENCODER.value)
     settings["settings/text_encoder"] = os.path.abspath(_TEXT_ENCODER.value)
-  if protocol.kind == "soft":
+  if protocol.threshold is not None:
+    settings["settings/threshold"] = protocol.threshold
+  if _CANDIDATES.value:
+    settings["settings/candidates"] = os.path.abspath(_CANDIDATES.value)
+  elif protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
   return settings
@@ -209,6 +239,9 @@ def run(argv: list[str]) -> int:
   if sum(sources) != 1 or not _OUTPUT.value:
     print("error: --output and exactly one of --embeddings, --workdir and --baseline are "
           "required", file=sys.stderr)
+    return 2
+  if _CANDIDATES.value and _PROTOCOL.value != "soft":
+    print("error: --candidates needs --protocol=soft", file=sys.stderr)
     return 2
   if _BASELINE.value and not (_DATA.value and _SPEECH_ENCODER.value and _TEXT_ENCODER.value):
     print("error: --baseline=asr needs --data, --speech_encoder and --text_encoder",
@@ -233,7 +266,9 @@ def run(argv: list[str]) -> int:
     logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
                  corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
                  jax.default_backend())
-    metrics = protocols.evaluate(corpus, protocol, blocking=blocking,
+    candidates = (protocols.read_candidates(_CANDIDATES.value, corpus.size)
+                  if _CANDIDATES.value else None)
+    metrics = protocols.evaluate(corpus, protocol, blocking=blocking, candidates=candidates,
                                  progress=lambda line: logging.info("%s", line))
   except (protocols.InputError, scoring.TooManyPairsError, FileNotFoundError,
           ConfigError) as error:
