@@ -46,6 +46,9 @@ class ClaspModel(nn.Module):
   axis_name: str | None = None
   precision: str = "highest"
   text_encoder: nn.Module | None = None  # A SentenceEncoder; its parameters: 'text_encoder/'.
+  speech_branch_hidden: tuple[int, ...] = ()
+  spectrogram_branch_hidden: tuple[int, ...] = ()
+  normalize_inputs: bool = False
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
@@ -53,7 +56,9 @@ class ClaspModel(nn.Module):
         fusion=self.fusion, mode=self.mode, embed_dim=self.embed_dim,
         branch_hidden=self.branch_hidden, branch_dropout=self.branch_dropout,
         fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision,
-        name="speech_encoder")
+        speech_branch_hidden=self.speech_branch_hidden,
+        spectrogram_branch_hidden=self.spectrogram_branch_hidden,
+        normalize_inputs=self.normalize_inputs, name="speech_encoder")
     speech_embedding = speech_encoder(batch.get("speech"), batch.get("spectrogram"), train=train)
     zspeech = l2_normalize(speech_embedding)
     if self.text_encoder is None:
@@ -93,6 +98,11 @@ def model_from_config(model_config: ml_collections.ConfigDict, loss_config: ml_c
       fusion_hidden=tuple(model_config.fusion_hidden),
       # Workdirs written before the field existed computed at "highest" on CPU alike.
       precision=model_config.get("precision", "highest"),
+      # Workdirs written before these fields existed had one width for both branches and
+      # raw inputs.
+      speech_branch_hidden=tuple(model_config.get("speech_branch_hidden", ())),
+      spectrogram_branch_hidden=tuple(model_config.get("spectrogram_branch_hidden", ())),
+      normalize_inputs=bool(model_config.get("normalize_inputs", False)),
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,

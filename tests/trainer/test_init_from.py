@@ -1,0 +1,59 @@
+"""Starting from another workdir's weights (the paper's restarts): what is taken, what is not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clasp_jax.common.config_args import ConfigError
+from clasp_jax.models.clasp import ClaspModel, example_batch
+from clasp_jax.trainer import init_from
+from clasp_jax.trainer.checkpointing import Checkpointer
+
+DIMS = {"speech": 12, "spectrogram": 10, "text": 8}
+
+
+def variables(seed, **model_args):
+  model = ClaspModel(embed_dim=8, branch_hidden=(16, 12), fusion_hidden=(16, 12), **model_args)
+  out = model.init(jax.random.key(seed), example_batch(DIMS), train=False)
+  return out["params"], out["batch_stats"]
+
+
+def write_workdir(path, params, batch_stats, step):
+  """A checkpoint laid out as the trainer's: the train state's fields and a JSON record."""
+  checkpointer = Checkpointer(str(path), every_steps=1, keep=2)
+  stats = jax.tree.map(lambda x: x + step, batch_stats)  # Statistics a run would have moved.
+  state = {"step": jnp.asarray(step), "params": params, "batch_stats": stats,
+           "opt_state": {"mu": jax.tree.map(jnp.ones_like, params)}, "rng": jnp.zeros(2)}
+  checkpointer.save(step, state, {"step": step}, force=True)
+  checkpointer.close()
+  return stats
+
+
+def test_takes_parameters_and_statistics_of_the_newest_checkpoint(tmp_path):
+  trained_params, batch_stats = variables(0)
+  write_workdir(tmp_path, variables(2)[0], batch_stats, step=5)
+  newest_stats = write_workdir(tmp_path, trained_params, batch_stats, step=9)
+  fresh_params, fresh_stats = variables(1)
+  params, stats, step = init_from.load_variables(str(tmp_path), fresh_params, fresh_stats)
+  assert step == 9
+  jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, trained_params))
+  jax.tree.map(np.testing.assert_array_equal, stats, jax.tree.map(np.asarray, newest_stats))
+  assert jax.tree.structure(params) == jax.tree.structure(fresh_params)
+  # An older step on request.
+  params, _, step = init_from.load_variables(str(tmp_path), fresh_params, fresh_stats, step=5)
+  assert step == 5
+  jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, variables(2)[0]))
+
+
+def test_a_model_that_does_not_fit_is_a_clear_error(tmp_path):
+  params, batch_stats = variables(0)
+  write_workdir(tmp_path, params, batch_stats, step=3)
+  wider = variables(1, speech_branch_hidden=(20, 12))
+  with pytest.raises(ConfigError, match=r"other shapes: speech_encoder/speech_branch/linear_0"):
+    init_from.load_variables(str(tmp_path), *wider)
+  single = variables(1, mode="speech")
+  with pytest.raises(ConfigError, match=r"unexpected \['speech_encoder/mix"):
+    init_from.load_variables(str(tmp_path), *single)
+  with pytest.raises(ConfigError, match="not a training workdir"):
+    init_from.load_variables(str(tmp_path / "nowhere"), params, batch_stats)
