@@ -2,7 +2,9 @@
 
 Used as the reference in parity tests and benchmarks (needs the `torch` extra). Parameter
 names follow theirs (`audio_seq.N`, `image_seq.N`, `mix_seq.N`; gated: `text_seq`,
-`input_gate_text.0`, ...), so tests can map weights one to one.
+`input_gate_text.0`, ...), so tests can map weights one to one. `HubertLabseConcat` and
+`HubertLabseGating` carry the authors' class names, for whole-module checkpoints pickled as
+theirs were.
 """
 
 import torch
@@ -53,3 +55,19 @@ class GatedFusion(nn.Module):
     x2 = self.input_gate_image(x2) * self.tanh_image(x2) + self.forget_gate_image(x2) * x2
     w = self.weight(torch.cat([x1, x2], dim=1))
     return w[:, :768] * x1 + w[:, 768:] * x2
+
+
+class HubertLabseConcat(ConcatFusion):
+  """The authors' name for the concat fusion encoder (their notebooks define it in __main__)."""
+
+  def __init__(self, in_features_text: int = 1024, in_features_image: int = 1000,
+               mode: str = "joint"):
+    super().__init__(in_features_text, in_features_image)
+    self.mode = mode
+
+
+class HubertLabseGating(GatedFusion):
+  """The authors' name for the gated fusion encoder."""
+
+  def __init__(self, in_features_text: int = 1024, in_features_image: int = 1000):
+    super().__init__(in_features_text, in_features_image)
