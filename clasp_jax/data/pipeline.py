@@ -159,7 +159,8 @@ class InputPipeline:
       offset = self._crop_offset(step, int(index), len(clip), num_samples)
       clip = clip[offset:offset + num_samples].astype(np.float32) / INT16_SCALE
       if self.config.peak_normalize:
-        clip = audio_io.peak_normalize(clip)
+        # By the peak before resampling where the dataset recorded it (the authors' order).
+        clip = audio_io.peak_normalize(clip, source_peak=record.get("source_peak"))
       audio[row, :len(clip)] = clip
       mask[row, :len(clip)] = True
     host = {field: np.asarray([record[field] for record in records], dtype=object)

@@ -90,12 +90,16 @@ class ReadFailure:
 
 
 def read_clips(paths: Iterable[str], sample_rate: int, min_samples: int,
-               prepare: Callable[[np.ndarray], np.ndarray]
+               prepare: Callable[[np.ndarray], np.ndarray], *, peak_normalize: bool = False
                ) -> Iterator[tuple[str, np.ndarray | ReadFailure]]:
-  """Yields (path, prepared waveform) or (path, ReadFailure) in order, never raising per file."""
+  """Yields (path, prepared waveform) or (path, ReadFailure) in order, never raising per file.
+
+  peak_normalize divides each clip by its peak at the source rate, before resampling (the
+  authors' order; see audio_io).
+  """
   for path in paths:
     try:
-      waveform, _, _ = audio_io.read_audio(path, sample_rate)
+      waveform, _, _ = audio_io.read_audio(path, sample_rate, peak_normalize=peak_normalize)
       if waveform.shape[0] < min_samples:
         raise ClipTooShortError(path, waveform.shape[0], min_samples, sample_rate)
       yield path, prepare(waveform)
@@ -155,11 +159,7 @@ def run_batches(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint, paths: Sequenc
   still read so that every bad file is reported at once.
   """
   preprocessing = checkpoint.preprocessing
-
-  def prepare(waveform):
-    if peak_normalize:
-      waveform = audio_io.peak_normalize(waveform)
-    return preprocessing.apply(waveform)
+  prepare = preprocessing.apply  # Peak normalisation happens as the file is read.
 
   min_samples = wav2vec2.receptive_field(checkpoint.config)
   pad_multiple = max(min_samples, int(PAD_MULTIPLE_SECONDS * preprocessing.sampling_rate))
@@ -176,7 +176,8 @@ def run_batches(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint, paths: Sequenc
     pending_clips.clear()
 
   for done, (path, clip) in enumerate(read_clips(paths, preprocessing.sampling_rate, min_samples,
-                                                 prepare), start=1):
+                                                 prepare, peak_normalize=peak_normalize),
+                                      start=1):
     if isinstance(clip, ReadFailure):
       result.failures.append(clip)
       print(f"error: {clip.message}", file=progress_stream or sys.stderr, flush=True)
@@ -255,8 +256,9 @@ def define_common_flags(flag_values: flags.FlagValues) -> None:
                        flag_values=flag_values)
   flags.DEFINE_bool("skip_bad", False, "Skip unreadable or too-short files (and print how many) "
                     "instead of failing.", flag_values=flag_values)
-  flags.DEFINE_bool("peak_normalize", True, "Divide each clip by its peak magnitude first, as "
-                    "CLASP did (silent clips are left silent).", flag_values=flag_values)
+  flags.DEFINE_bool("peak_normalize", True, "Divide each clip by its peak magnitude at the "
+                    "source rate, before resampling, as CLASP did (silent clips are left "
+                    "silent).", flag_values=flag_values)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the encoder.",
                     flag_values=flag_values)
   flags.DEFINE_enum("precision", "highest", list(precision.NAMES),

@@ -135,3 +135,20 @@ def build_wav2vec2_ctc(folder):
                                                             return_attention_mask=False)
   feature_extractor.save_pretrained(folder)
   return model, feature_extractor, folder
+
+
+def build_hubert(folder, do_normalize=True):
+  """A tiny random HuBERT in hubert-large-ls960-ft's layout (layer-norm extractor with conv
+  bias, stable layer norm) saved with its feature-extractor config, as a Hub folder holds it."""
+  config = transformers.HubertConfig(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+      conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
+      num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=len(VOCAB),
+      feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+  torch.manual_seed(1)
+  model = transformers.HubertModel(config).eval()
+  model.save_pretrained(folder)
+  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize,
+                                                            return_attention_mask=True)
+  feature_extractor.save_pretrained(folder)
+  return model, feature_extractor, folder
