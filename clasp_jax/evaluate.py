@@ -50,6 +50,7 @@ import numpy as np
 
 from clasp_jax.common import cli as cli_flags
 from clasp_jax.common.config_args import ConfigError
+from clasp_jax.data import text_prep
 from clasp_jax.retrieval import evaluation as protocols
 from clasp_jax.retrieval import metrics as metrics_lib
 from clasp_jax.retrieval import scoring
@@ -74,6 +75,11 @@ _SPEECH_ENCODER = flags.DEFINE_string(
     "speech_encoder", None, "With --baseline=asr: a HuBERT/wav2vec2 *ForCTC folder.")
 _TEXT_ENCODER = flags.DEFINE_string(
     "text_encoder", None, "With --baseline=asr: a sentence-transformers folder (LaBSE).")
+_TEXT_PREPARATION = flags.DEFINE_enum(
+    "text_preparation", "paper", list(text_prep.PREPARATIONS),
+    "With --baseline=asr: paper lowercases the CTC transcripts (the sentence encoder is cased, "
+    "CTC vocabularies are upper case) and prepares each reference by its source (Common Voice "
+    "lower case without punctuation), as the authors did; as_is embeds both unchanged.")
 _TRANSCRIPTS = flags.DEFINE_string(
     "transcripts", None, "With --baseline=asr: also write ID<TAB>TRANSCRIPT<TAB>TEXT lines here.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file to write every metric to.")
@@ -164,7 +170,8 @@ def _embed_asr_cascade() -> dict[str, np.ndarray]:
     split = reader.open_split(_DATA.value, _SPLIT.value)
     arrays, transcripts = asr_baseline.cascade_embeddings(
         split, speech_encoder=_SPEECH_ENCODER.value, text_encoder=_TEXT_ENCODER.value,
-        progress=lambda line: logging.info("%s", line))
+        progress=lambda line: logging.info("%s", line),
+        text_preparation=_TEXT_PREPARATION.value)
   except (ValueError, OSError, wav2vec2_checkpoint.CheckpointError) as error:
     raise protocols.InputError(str(error)) from error
   if _TRANSCRIPTS.value:
@@ -221,6 +228,7 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
     settings["settings/split"] = _SPLIT.value
     settings["settings/speech_encoder"] = os.path.abspath(_SPEECH_ENCODER.value)
     settings["settings/text_encoder"] = os.path.abspath(_TEXT_ENCODER.value)
+    settings["settings/text_preparation"] = _TEXT_PREPARATION.value
   if protocol.threshold is not None:
     settings["settings/threshold"] = protocol.threshold
   if _CANDIDATES.value:

@@ -101,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.text.encoder = ""
   config.text.trainable_top_layers = 0
   config.text.max_length = 64
+  # How sentences are prepared before that encoder, by the split's source
+  # (clasp_jax/data/text_prep.py): 'as_is', or 'paper' (Common Voice lower case without
+  # punctuation, as the authors embedded it).
+  config.text.preparation = "as_is"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "softmax"  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP)
@@ -164,6 +168,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 200
     config.early_stopping.patience = 10
     config.model.normalize_inputs = True
+    config.text.preparation = "paper"
     if arg.stage:
       learning_rate, epochs, patience = PAPER_STAGES[arg.stage]
       config.optimizer.learning_rate = learning_rate

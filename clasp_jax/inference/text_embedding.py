@@ -6,7 +6,11 @@ DIR is a sentence-transformers folder (LaBSE, all-MiniLM-L6-v2, an XLM-R paraphr
 a plain Hugging Face BERT / XLM-R folder (then mean pooling). FILE.txt is UTF-8; every line is
 one sentence, empty lines included, and OUT.npy holds one float32 row per line in input order
 (a final newline does not start an extra sentence). The vectors equal
-SentenceTransformer(DIR).encode(lines) within float32 rounding.
+SentenceTransformer(DIR).encode(lines) within float32 rounding. --text_rule prepares each line
+first, e.g. as the authors prepared Common Voice sentences:
+
+  python -m clasp_jax.embed text --encoder=DIR --input=cv_sentences.txt --output=OUT.npy \
+      --text_rule=lowercase_no_punctuation
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ flags.DEFINE_integer("max_length", None, "Truncate at this many tokens instead o
                      "max_seq_length.", lower_bound=2, flag_values=FLAGS)
 flags.DEFINE_bool("data_parallel", False, "Split each batch over all local devices.",
                   flag_values=FLAGS)
+# Kept in step with clasp_jax.data.text_prep.RULES (not imported here: it would load before
+# the flags are parsed for nothing).
+flags.DEFINE_enum("text_rule", "as_is", ["as_is", "lowercase", "lowercase_no_punctuation"],
+                  "Prepare every line first: as_is, lowercase, or lowercase_no_punctuation "
+                  "(the authors' preparation of Common Voice sentences).", flag_values=FLAGS)
 
 _PROGRESS_EVERY_S = 5.0
 
@@ -90,7 +99,9 @@ def _embed(encoder: str, input_path: str, output_path: str) -> None:
     raise UsageError(f"--output {output_path}: must end in .npy")
   if not os.path.isdir(encoder):
     raise UsageError(f"--encoder {encoder}: no such folder")
-  sentences = read_sentences(input_path)
+  from clasp_jax.data import text_prep
+  sentences = [text_prep.prepare(sentence, FLAGS.text_rule)
+               for sentence in read_sentences(input_path)]
 
   import jax
   import numpy as np

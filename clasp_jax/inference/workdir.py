@@ -17,16 +17,24 @@ from clasp_jax.trainer import optim
 from clasp_jax.models import text_tower
 from clasp_jax.trainer.checkpointing import Checkpointer
 from clasp_jax.common.config_args import ConfigError
-from clasp_jax.data import feature_pipeline, features
+from clasp_jax.data import feature_pipeline, features, text_prep
 from clasp_jax.models.clasp import model_from_config
 
 
-def tokenize_split(split: features.FeatureSplit, name: str, tower: text_tower.TextTower) -> None:
-  """Tokenises the split's sentences once, padded to the tower's maximum length."""
+def tokenize_split(split: features.FeatureSplit, name: str, tower: text_tower.TextTower,
+                   preparation: str = "as_is") -> None:
+  """Tokenises the split's sentences once, padded to the tower's maximum length.
+
+  `preparation` (text_prep.PREPARATIONS) prepares them first by the split's source.
+  """
   if split.sentences is None:
     raise ConfigError(f"config.text.encoder needs the sentences of each split, but the {name} "
                       f"split has none (sentences.json); synthetic_features has none either")
-  input_ids, attention_mask = tower.pad_batch(tower.tokenize(split.sentences),
+  try:
+    sentences = text_prep.prepare_by_source(split.sentences, split.source, preparation)
+  except ValueError as error:
+    raise ConfigError(f"config.text.preparation: {error}") from None
+  input_ids, attention_mask = tower.pad_batch(tower.tokenize(sentences),
                                               length=tower.max_length)
   split.add_tokens(input_ids, attention_mask)
 
@@ -95,7 +103,7 @@ def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
     tower = text_tower.load(config.text.encoder, max_length=config.text.max_length or None)
   split = features.load_split(config.data, split_name)
   if tower is not None:
-    tokenize_split(split, split_name, tower)
+    tokenize_split(split, split_name, tower, config.text.get("preparation", "as_is"))
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
     state, record = checkpointer.read()

@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def load_split(name: str) -> features.FeatureSplit:
     split = features.load_split(config.data, name)
     if tower is not None:
-      tokenize_split(split, name, tower)
+      tokenize_split(split, name, tower, config.text.get("preparation", "as_is"))
     return split
 
   train_split = load_split("train")
