@@ -6,17 +6,24 @@ previous one's parameters with Adam, its schedule and the data order created afr
 statistics of another workdir's checkpoint and leaves the optimizer state, step, rng and data
 position to the new run.
 
-The trainer calls `load_variables` once, after initialising its model and before creating the
-optimizer state, and only when its own workdir has no checkpoint yet (a resume wins):
+The checkpoint taken is the other run's best one (the step that scored best on its
+early-stopping metric, or its newest when none was chosen), as `evaluate --workdir` takes.
+
+The trainer calls `load_variables` once its fresh state exists, and only when its own workdir
+has no checkpoint yet (a resume wins). Adam's state starts at zeros whatever the parameters,
+so the fresh optimizer state stays valid:
 
   if config.init_from and checkpointer.latest_step() is None:
-    params, batch_stats, _ = init_from.load_variables(config.init_from, params, batch_stats)
+    params, batch_stats, _ = init_from.load_variables(config.init_from, state.params,
+                                                      state.batch_stats)
+    state = state.replace(params=jax.device_put(params, replicated),
+                          batch_stats=jax.device_put(batch_stats, replicated))
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -60,8 +67,9 @@ def _check_and_take(name: str, workdir: str, live: Any, stored: Any) -> Any:
 
 
 def load_variables(workdir: str, params: Any, batch_stats: Any, *,
-                   step: Optional[int] = None) -> tuple[Any, Any, int]:
-  """(params, batch_stats, step) of `workdir`'s newest checkpoint (or `step`'s).
+                   checkpoint: int | str = "best") -> tuple[Any, Any, int]:
+  """(params, batch_stats, step) of a checkpoint of `workdir`: 'best' (the default), 'latest'
+  or a step number.
 
   `params` and `batch_stats` are the new run's freshly initialised ones: the checkpoint's must
   have exactly their names and shapes (they come back in the same structure and dtypes).
@@ -74,7 +82,7 @@ def load_variables(workdir: str, params: Any, batch_stats: Any, *,
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
     try:
-      state, record = checkpointer.read(step)
+      state, record = checkpointer.read(checkpoint)
     except FileNotFoundError as error:
       raise ConfigError(f"init_from={workdir}: {error}") from None
   finally:
@@ -82,4 +90,4 @@ def load_variables(workdir: str, params: Any, batch_stats: Any, *,
   params = _check_and_take("parameters", workdir, params, state["params"])
   batch_stats = _check_and_take("BatchNorm statistics", workdir, batch_stats,
                                 state.get("batch_stats", {}))
-  return params, batch_stats, int(record.get("step", step if step is not None else -1))
+  return params, batch_stats, int(record.get("step", state.get("step", -1)))

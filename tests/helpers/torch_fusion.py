@@ -7,6 +7,9 @@ names follow theirs (`audio_seq.N`, `image_seq.N`, `mix_seq.N`; gated: `text_seq
 theirs were.
 """
 
+import contextlib
+import sys
+
 import torch
 from torch import nn
 
@@ -71,3 +74,31 @@ class HubertLabseGating(GatedFusion):
 
   def __init__(self, in_features_text: int = 1024, in_features_image: int = 1000):
     super().__init__(in_features_text, in_features_image)
+
+
+@contextlib.contextmanager
+def as_notebook_class(cls):
+  """Pickles `cls` as the authors' notebooks did: a class of __main__ under its own name."""
+  main = sys.modules["__main__"]
+  named = type(cls.__name__, (cls,), {"__module__": "__main__"})
+  setattr(main, cls.__name__, named)
+  try:
+    yield named
+  finally:
+    delattr(main, cls.__name__)
+
+
+def trained_like(module, seed=0):
+  """PyTorch's initial weights, and BatchNorm affine terms and running statistics moved away
+  from theirs, as training would have (so eval mode differs from an initial module)."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for submodule in module.modules():
+      if isinstance(submodule, nn.BatchNorm1d):
+        width = submodule.num_features
+        submodule.weight.copy_(1 + 0.2 * torch.randn(width))
+        submodule.bias.copy_(0.1 * torch.randn(width))
+        submodule.running_mean.copy_(0.1 * torch.randn(width))
+        submodule.running_var.copy_(0.5 + torch.rand(width))
+        submodule.num_batches_tracked.fill_(7)
+  return module

@@ -58,23 +58,3 @@ def test_cli_rejects_a_folder_that_is_no_workdir(tmp_path):
   assert process.returncode == 1
   assert "config.json is missing" in process.stderr and "Traceback" not in process.stderr
 
-
-@pytest.mark.parametrize("source,preparation,want", [
-    ("common_voice", "paper", ["hello world", "its fine"]),
-    ("common_voice", "as_is", ["Hello, World!", "It's fine."]),
-    ("speech_brown", "paper", ["Hello, World!", "It's fine."]),
-])
-def test_sentences_are_prepared_by_source_before_tokenising(labse_like_dir, source, preparation,
-                                                            want):
-  from clasp_jax.data import features  # pylint: disable=g-import-not-at-top
-  from clasp_jax.models import text_tower  # pylint: disable=g-import-not-at-top
-  tower = text_tower.load(str(labse_like_dir), max_length=16)
-  arrays = {name: np.zeros((2, 3), np.float32) for name in features.FEATURE_FIELDS}
-  arrays.update({name: np.zeros(2, np.int32) for name in features.LABEL_FIELDS})
-  split = features.FeatureSplit(arrays, ["c"], ["en"], source=source,
-                                sentences=["Hello, World!", "It's fine."])
-  inference.tokenize_split(split, "test", tower, preparation)
-  input_ids, _ = tower.pad_batch(tower.tokenize(want), length=tower.max_length)
-  np.testing.assert_array_equal(split.arrays["input_ids"], input_ids)
-  with pytest.raises(inference.ConfigError, match="config.text.preparation"):
-    inference.tokenize_split(split, "test", tower, "authors")

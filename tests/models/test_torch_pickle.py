@@ -1,8 +1,6 @@
 """The authors' whole-module checkpoints: imported without running them, equal outputs."""
 
-import contextlib
 import os
-import sys
 import zipfile
 
 import jax
@@ -18,39 +16,11 @@ from tests.helpers import torch_fusion  # noqa: E402  (needs torch)
 SPEECH_DIM, SPECTROGRAM_DIM = 48, 40
 
 
-@contextlib.contextmanager
-def as_notebook_class(cls):
-  """Pickles `cls` as the authors' notebooks did: a class of __main__ under its own name."""
-  main = sys.modules["__main__"]
-  named = type(cls.__name__, (cls,), {"__module__": "__main__"})
-  setattr(main, cls.__name__, named)
-  try:
-    yield named
-  finally:
-    delattr(main, cls.__name__)
-
-
-def trained_like(module):
-  """PyTorch's initial weights, and BatchNorm affine terms and running statistics moved away
-  from theirs, as training would have (so eval mode differs from an initial module)."""
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for submodule in module.modules():
-      if isinstance(submodule, torch.nn.BatchNorm1d):
-        width = submodule.num_features
-        submodule.weight.copy_(1 + 0.2 * torch.randn(width))
-        submodule.bias.copy_(0.1 * torch.randn(width))
-        submodule.running_mean.copy_(0.1 * torch.randn(width))
-        submodule.running_var.copy_(0.5 + torch.rand(width))
-        submodule.num_batches_tracked.fill_(7)
-  return module
-
-
 @pytest.mark.parametrize("cls", [torch_fusion.HubertLabseConcat, torch_fusion.HubertLabseGating])
 def test_a_released_module_imports_and_computes_what_pytorch_computes(cls, tmp_path):
   path = tmp_path / "clasp.pt"
-  with as_notebook_class(cls) as notebook_class:
-    module = trained_like(notebook_class(SPEECH_DIM, SPECTROGRAM_DIM)).eval()
+  with torch_fusion.as_notebook_class(cls) as notebook_class:
+    module = torch_fusion.trained_like(notebook_class(SPEECH_DIM, SPECTROGRAM_DIM)).eval()
     torch.save(module, path)
   data_pickle = zipfile.ZipFile(path).read("clasp/data.pkl")
   assert f"__main__\n{cls.__name__}".encode() in data_pickle  # Pickled as theirs were.
@@ -79,8 +49,9 @@ def test_a_released_module_imports_and_computes_what_pytorch_computes(cls, tmp_p
 
 def test_the_authors_single_branch_mode_is_kept(tmp_path):
   path = tmp_path / "audio_only.pt"
-  with as_notebook_class(torch_fusion.HubertLabseConcat) as notebook_class:
-    module = trained_like(notebook_class(SPEECH_DIM, SPECTROGRAM_DIM, mode="audio")).eval()
+  with torch_fusion.as_notebook_class(torch_fusion.HubertLabseConcat) as notebook_class:
+    module = torch_fusion.trained_like(
+        notebook_class(SPEECH_DIM, SPECTROGRAM_DIM, mode="audio")).eval()
     torch.save(module, path)
   imported = torch_pickle.import_fusion_encoder(path)
   assert imported.settings["mode"] == "speech" and set(imported.params) == {"speech_branch"}
@@ -106,7 +77,7 @@ class RunsACommand:
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
   marker = tmp_path / "ran"
   path = tmp_path / "malicious.pt"
-  with as_notebook_class(torch_fusion.HubertLabseConcat) as notebook_class:
+  with torch_fusion.as_notebook_class(torch_fusion.HubertLabseConcat) as notebook_class:
     module = notebook_class(SPEECH_DIM, SPECTROGRAM_DIM)
     module.payload = RunsACommand(marker)  # Hidden among the module's attributes.
     torch.save(module, path)
@@ -117,7 +88,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     torch_pickle.import_fusion_encoder(path)
   assert not marker.exists()
   # The payload is live: an ordinary unpickler runs it.
-  with as_notebook_class(torch_fusion.HubertLabseConcat):
+  with torch_fusion.as_notebook_class(torch_fusion.HubertLabseConcat):
     torch.load(path, weights_only=False)
   assert marker.exists()
 

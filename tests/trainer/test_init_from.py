@@ -1,5 +1,7 @@
 """Starting from another workdir's weights (the paper's restarts): what is taken, what is not."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,20 +32,31 @@ def write_workdir(path, params, batch_stats, step):
   return stats
 
 
-def test_takes_parameters_and_statistics_of_the_newest_checkpoint(tmp_path):
+def test_takes_the_best_checkpoint_else_the_newest(tmp_path):
   trained_params, batch_stats = variables(0)
   write_workdir(tmp_path, variables(2)[0], batch_stats, step=5)
   newest_stats = write_workdir(tmp_path, trained_params, batch_stats, step=9)
   fresh_params, fresh_stats = variables(1)
+  # No evaluation chose a best step: the newest checkpoint.
   params, stats, step = init_from.load_variables(str(tmp_path), fresh_params, fresh_stats)
   assert step == 9
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, trained_params))
   jax.tree.map(np.testing.assert_array_equal, stats, jax.tree.map(np.asarray, newest_stats))
   assert jax.tree.structure(params) == jax.tree.structure(fresh_params)
   # An older step on request.
-  params, _, step = init_from.load_variables(str(tmp_path), fresh_params, fresh_stats, step=5)
+  params, _, step = init_from.load_variables(str(tmp_path), fresh_params, fresh_stats,
+                                             checkpoint=5)
   assert step == 5
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, variables(2)[0]))
+  # The best step, when one was kept, is the default.
+  best_params = variables(3)[0]
+  checkpointer = Checkpointer(str(tmp_path), every_steps=1, keep=2)
+  checkpointer.save_best(7, types.SimpleNamespace(step=jnp.asarray(7), params=best_params,
+                                                  batch_stats=batch_stats), {"step": 7})
+  checkpointer.close()
+  params, _, step = init_from.load_variables(str(tmp_path), fresh_params, fresh_stats)
+  assert step == 7
+  jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, best_params))
 
 
 def test_a_model_that_does_not_fit_is_a_clear_error(tmp_path):
