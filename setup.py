@@ -24,6 +24,7 @@ setuptools.setup(
         "safetensors>=0.4",
         "scipy>=1.11",
         "soundfile>=0.12.1",
+        "soxr>=0.3",  # librosa's default resampler: audio is resampled as the authors' was.
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.7",
         "tokenizers>=0.20",

@@ -1,12 +1,19 @@
 r"""Retrieval evaluation of paired speech/text embeddings with the paper's protocols.
 
   python -m clasp_jax.evaluate --embeddings=test.npz --output=metrics.json \
-      [--protocol=hard|soft] [--num_candidates=100] [--seed=0] [--skip_ties] \
+      [--protocol=hard|soft] [--num_candidates=100] [--seed=0] [--candidates=FILE] \
+      [--ties=expected|paper|optimistic|pessimistic] [--skip_ties] [--threshold=0.45] \
       [--duplicates_as_hits] [--breakdowns=category,language,source] [--cross_lingual=fr:en]
   python -m clasp_jax.evaluate --workdir=TRAIN_DIR --split=test --output=metrics.json [...]
 
   python -m clasp_jax.evaluate --baseline=asr --data=DATASET_DIR --split=test \
       --speech_encoder=HF_CTC_DIR --text_encoder=SENTENCE_DIR --output=metrics.json [...]
+
+The paper's numbers, exactly as the authors' code computes them (HITS@1 = argmax == gold, a
+tie going to the lower index; their tie skipping):
+
+  python -m clasp_jax.evaluate --embeddings=test.npz --output=metrics.json --ties=paper \
+      --skip_ties
 
 With --workdir, a checkpoint of a training run (--checkpoint: best by default) embeds the
 split of its own data config (or of --features, a feature folder) and those embeddings are
@@ -41,7 +48,9 @@ import numpy as np
 
 from clasp_jax.common import cli
 from clasp_jax.common.config_args import ConfigError
+from clasp_jax.data import text_prep
 from clasp_jax.retrieval import evaluation as protocols
+from clasp_jax.retrieval import metrics as metrics_lib
 from clasp_jax.retrieval import scoring
 
 FLAGS = cli.FlagValues()
@@ -69,6 +78,11 @@ _SPEECH_ENCODER = FLAGS.DEFINE_string(
     "speech_encoder", None, "With --baseline=asr: a HuBERT/wav2vec2 *ForCTC folder.")
 _TEXT_ENCODER = FLAGS.DEFINE_string(
     "text_encoder", None, "With --baseline=asr: a sentence-transformers folder (LaBSE).")
+_TEXT_PREPARATION = FLAGS.DEFINE_enum(
+    "text_preparation", "paper", list(text_prep.PREPARATIONS),
+    "With --baseline=asr: paper lowercases the CTC transcripts (the sentence encoder is cased, "
+    "CTC vocabularies are upper case) and prepares each reference by its source (Common Voice "
+    "lower case without punctuation), as the authors did; as_is embeds both unchanged.")
 _TRANSCRIPTS = FLAGS.DEFINE_string(
     "transcripts", None, "With --baseline=asr: also write ID<TAB>TRANSCRIPT<TAB>TEXT lines here.")
 _OUTPUT = FLAGS.DEFINE_string("output", None, "JSON file to write every metric to.")
@@ -78,6 +92,20 @@ _PROTOCOL = FLAGS.DEFINE_enum(
 _NUM_CANDIDATES = FLAGS.DEFINE_integer(
     "num_candidates", 100, "Soft protocol: candidates per query, the gold one included.")
 _SEED = FLAGS.DEFINE_integer("seed", 0, "Soft protocol: seed of the random candidates.")
+_CANDIDATES = FLAGS.DEFINE_string(
+    "candidates", None, "Soft protocol: a file whose line i lists the candidate indices of "
+    "query i (spaces or commas, the gold one anywhere, as many on every line), e.g. the "
+    "authors' lists, instead of --num_candidates random ones; both directions use it.")
+_TIES = FLAGS.DEFINE_enum(
+    "ties", metrics_lib.DEFAULT_TIE_RULE, metrics_lib.TIE_RULES,
+    "How a tie with the gold candidate counts. expected: averaged over a random order of the "
+    "tied candidates; paper: the authors' code (HITS@1 = argmax == gold, a tie goes to the "
+    "lower index; ranks count strictly higher scores); optimistic: every tie is won; "
+    "pessimistic: every tie is lost.")
+_THRESHOLD = FLAGS.DEFINE_float(
+    "threshold", None, "Also report the authors' golden accuracy (share of queries whose gold "
+    "score is at least this) and macro / micro precision, recall and F1 of the decisions "
+    "'candidate scores at least this'.")
 _SKIP_TIES = FLAGS.DEFINE_bool(
     "skip_ties", False, "Leave out queries whose top score ties the gold one with another item "
     "(the paper's per-source rule); reports num_skipped.")
@@ -151,7 +179,8 @@ def _embed_asr_cascade() -> dict[str, np.ndarray]:
     split = reader.open_split(_DATA.value, _SPLIT.value)
     arrays, transcripts = asr_baseline.cascade_embeddings(
         split, speech_encoder=_SPEECH_ENCODER.value, text_encoder=_TEXT_ENCODER.value,
-        progress=lambda line: logging.info("%s", line))
+        progress=lambda line: logging.info("%s", line),
+        text_preparation=_TEXT_PREPARATION.value)
   except (ValueError, OSError, wav2vec2_checkpoint.CheckpointError) as error:
     raise protocols.InputError(str(error)) from error
   if _TRANSCRIPTS.value:
@@ -183,12 +212,15 @@ def _protocol() -> protocols.Protocol:
       duplicates_as_hits=_DUPLICATES_AS_HITS.value,
       breakdowns=None if _BREAKDOWNS.value is None else tuple(_BREAKDOWNS.value),
       cross_lingual=protocols.parse_cross_lingual(_CROSS_LINGUAL.value),
-      ks=ks)
+      ks=ks,
+      ties=_TIES.value,
+      threshold=_THRESHOLD.value)
 
 
 def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[str, object]:
   settings = {
       "settings/protocol": protocol.kind,
+      "settings/ties": protocol.ties,
       "settings/skip_ties": protocol.skip_ties,
       "settings/duplicates_as_hits": protocol.duplicates_as_hits,
       "settings/num_pairs": corpus.size,
@@ -206,7 +238,12 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
     settings["settings/split"] = _SPLIT.value
     settings["settings/speech_encoder"] = os.path.abspath(_SPEECH_ENCODER.value)
     settings["settings/text_encoder"] = os.path.abspath(_TEXT_ENCODER.value)
-  if protocol.kind == "soft":
+    settings["settings/text_preparation"] = _TEXT_PREPARATION.value
+  if protocol.threshold is not None:
+    settings["settings/threshold"] = protocol.threshold
+  if _CANDIDATES.value:
+    settings["settings/candidates"] = os.path.abspath(_CANDIDATES.value)
+  elif protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
   settings.update(_RUN_INFO)
@@ -219,6 +256,8 @@ def main() -> None:
     raise cli.FlagError("exactly one of --embeddings, --workdir and --baseline is required")
   if _BASELINE.value and not (_DATA.value and _SPEECH_ENCODER.value and _TEXT_ENCODER.value):
     raise cli.FlagError("--baseline=asr needs --data, --speech_encoder and --text_encoder")
+  if _CANDIDATES.value and _PROTOCOL.value != "soft":
+    raise cli.FlagError("--candidates needs --protocol=soft")
   started = time.perf_counter()
   _RUN_INFO.clear()  # A second run in one process reports its own checkpoint.
   protocol = _protocol()
@@ -236,7 +275,9 @@ def main() -> None:
   logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
                corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
                jax.default_backend())
-  metrics = protocols.evaluate(corpus, protocol, blocking=blocking,
+  candidates = (protocols.read_candidates(_CANDIDATES.value, corpus.size)
+                if _CANDIDATES.value else None)
+  metrics = protocols.evaluate(corpus, protocol, blocking=blocking, candidates=candidates,
                                progress=lambda line: logging.info("%s", line))
   output = dict(metrics)
   output.update(_settings(protocol, corpus))

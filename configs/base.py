@@ -14,6 +14,26 @@ a folder with train/ validation/ test/ feature splits (see clasp_jax/data/featur
   python -m clasp_jax.train --config=configs/base.py:paper,features=/data/clasp_features \
       --workdir=/tmp/clasp_paper
 
+The authors' wav2vec2-base ablation (768-d SSL features; its speech branch is 768 -> 700 ->
+576 -> 768):
+
+  python -m clasp_jax.train --config=configs/base.py:paper,ssl=wav2vec2,features=/data/w2v \
+      --workdir=/tmp/clasp_wav2vec2
+
+The released Speech Brown model was a chain of restarts, Adam re-created each time: 5e-6 for
+100, 100 and 50 epochs, then 1e-7 with early stopping (patience 10). Stage K > 1 starts from
+the parameters and BatchNorm statistics of stage K - 1's workdir (`init_from`) with a fresh
+optimizer and schedule:
+
+  python -m clasp_jax.train --config=configs/base.py:paper,stage=1,features=/data/clasp_features \
+      --workdir=/tmp/clasp_stage1
+  python -m clasp_jax.train --config=configs/base.py:paper,stage=2,features=/data/clasp_features \
+      --config.init_from=/tmp/clasp_stage1 --workdir=/tmp/clasp_stage2
+  python -m clasp_jax.train --config=configs/base.py:paper,stage=3,features=/data/clasp_features \
+      --config.init_from=/tmp/clasp_stage2 --workdir=/tmp/clasp_stage3
+  python -m clasp_jax.train --config=configs/base.py:paper,stage=4,features=/data/clasp_features \
+      --config.init_from=/tmp/clasp_stage3 --workdir=/tmp/clasp_stage4
+
 Small smoke-test size (used by the tests):
 
   python -m clasp_jax.train --config=configs/base.py:tiny --workdir=/tmp/clasp_tiny
@@ -29,14 +49,27 @@ import ml_collections
 
 from clasp_jax.common.config_args import parse_arg
 
+# The released Speech Brown model's chain of restarts: (learning rate, epochs, early-stopping
+# patience) per stage; stage 0 is the single run of the paper recipe.
+PAPER_STAGES = {1: (5e-6, 100, 0), 2: (5e-6, 100, 0), 3: (5e-6, 50, 0), 4: (1e-7, 400, 10)}
+SSL_MODELS = ("hubert", "wav2vec2")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, paper=False, tiny=False, features="", fusion="concat", mode="joint",
-                  speech="features")
+                  speech="features", ssl="hubert", stage=0)
   if arg.speech not in ("features", "audio"):
     raise ValueError(f"config argument 'speech' must be 'features' or 'audio', got {arg.speech!r}")
+  if arg.ssl not in SSL_MODELS:
+    raise ValueError(f"config argument 'ssl' must be one of {SSL_MODELS}, got {arg.ssl!r}")
+  if arg.stage and (arg.stage not in PAPER_STAGES or not arg.paper):
+    raise ValueError(f"config argument 'stage' must be one of {sorted(PAPER_STAGES)} (with "
+                     f"'paper'), got {arg.stage}")
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A workdir whose newest parameters and BatchNorm statistics start this run (optimizer,
+  # schedule and data position start afresh): the paper's restarts. '' starts from scratch.
+  config.init_from = ""
 
   config.data = ml_collections.ConfigDict()
   config.data.kind = "synthetic_features"
@@ -54,8 +87,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.mode = arg.mode  # 'joint' | 'speech' | 'spectrogram'
   config.model.embed_dim = 768
   config.model.branch_hidden = (768, 576)
+  # Per-branch hidden widths; () takes branch_hidden.
+  config.model.speech_branch_hidden = ()
+  config.model.spectrogram_branch_hidden = ()
   config.model.branch_dropout = (0.15, 0.1)
   config.model.fusion_hidden = (1024, 800)
+  # L2-normalise the SSL and spectrogram vectors before the branches (the authors'
+  # F.normalize). Off by default so workdirs trained on raw features load unchanged; see
+  # clasp_jax/models/fusion.py.
+  config.model.normalize_inputs = False
   # Matmul precision on GPU/TPU: 'highest' computes as PyTorch's float32 does (the fusion
   # encoder is small, so it costs little); 'default' rounds inputs to tf32/bf16.
   config.model.precision = "highest"
@@ -96,6 +136,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.text.encoder = ""
   config.model.text.trainable_top_layers = 0
   config.model.text.max_length = 64
+  # How sentences are prepared before that encoder, by the split's source
+  # (clasp_jax/data/text_prep.py): 'as_is', or 'paper' (Common Voice lower case without
+  # punctuation, as the authors embedded it).
+  config.model.text.preparation = "as_is"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.kind = "softmax"  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP)
@@ -158,6 +202,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2_000
     config.log_every_steps = 200
     config.early_stopping.patience = 10
+    config.model.normalize_inputs = True
+    config.model.text.preparation = "paper"
+    if arg.stage:
+      learning_rate, epochs, patience = PAPER_STAGES[arg.stage]
+      config.optimizer.learning_rate = learning_rate
+      config.num_epochs = epochs
+      config.early_stopping.patience = patience
   elif arg.features:
     config.data.kind = "features"
     config.data.directory = arg.features
@@ -169,6 +220,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.speech.ssl.update(dict(
         hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
         conv_dim=(256,) * 7))
+  if arg.ssl == "wav2vec2":
+    # The authors' ablation with wav2vec2-base (768-d) features widens the speech branch.
+    config.data.dims.speech = 768
+    config.model.speech_branch_hidden = (700, 576)
 
   if arg.tiny:
     config.data.num_train = 512

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import re
 import shlex
+import sys
 
 import pytest
 from absl import flags
@@ -35,9 +36,14 @@ def _parse(command):
   arguments = [a for a in shlex.split(command)[3:] if not a.startswith("--workdir")]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
-  with _in_repo():
-    flag_values(["train"] + arguments)
-    return flag_values.config
+  # config_flags reads `--config.key=value` overrides from sys.argv, not from the list parsed.
+  argv, sys.argv = sys.argv, ["train"] + arguments
+  try:
+    with _in_repo():
+      flag_values(["train"] + arguments)
+      return flag_values.config
+  finally:
+    sys.argv = argv
 
 
 class _in_repo:
@@ -72,6 +78,30 @@ def test_paper_recipe_matches_the_reference():
   assert config.schedule.kind == "step" and config.schedule.step_epochs == 100
   assert config.schedule.gamma == 0.4 and config.early_stopping.patience == 10
   assert tuple(config.model.branch_hidden) == (768, 576)
+  assert config.model.normalize_inputs and not config.init_from
+
+
+def test_default_config_keeps_raw_inputs_and_one_branch_width():
+  config = _parse("python -m clasp_jax.train --config=configs/base.py")
+  assert not config.model.normalize_inputs
+  assert tuple(config.model.speech_branch_hidden) == ()
+  assert tuple(config.model.spectrogram_branch_hidden) == ()
+
+
+def test_wav2vec2_ablation_and_the_released_chain_of_restarts():
+  config = _parse("python -m clasp_jax.train --config=configs/base.py:paper,ssl=wav2vec2")
+  assert config.data.dims.speech == 768
+  assert tuple(config.model.speech_branch_hidden) == (700, 576)
+  assert tuple(config.model.spectrogram_branch_hidden) == ()
+  stages = [_parse(f"python -m clasp_jax.train --config=configs/base.py:paper,stage={k} "
+                   f"--config.init_from=/tmp/stage{k - 1}") for k in (1, 2, 3, 4)]
+  assert [(c.optimizer.learning_rate, c.num_epochs, c.early_stopping.patience)
+          for c in stages] == [(5e-6, 100, 0), (5e-6, 100, 0), (5e-6, 50, 0), (1e-7, 400, 10)]
+  assert all(c.optimizer.name == "adam" and c.model.normalize_inputs for c in stages)
+  assert stages[3].init_from == "/tmp/stage3"
+  for bad in ("stage=5", "stage=2", "paper,ssl=whisper"):
+    with pytest.raises(Exception, match="stage|ssl"):
+      _parse(f"python -m clasp_jax.train --config=configs/base.py:{bad}")
 
 
 def test_embedding_width_must_match_the_text_features(tmp_path):

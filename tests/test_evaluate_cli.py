@@ -50,6 +50,45 @@ def test_writes_every_metric(npz_path, tmp_path):
   assert written["settings/protocol"] == "hard" and written["settings/num_pairs"] == 96
 
 
+def test_paper_rule_with_candidate_lists_and_threshold(tmp_path):
+  """The authors' rules from the command line: --ties=paper, their tie skipping, their
+  candidate lists from a file and the thresholded numbers."""
+  arrays = reference.tied_corpus()
+  npz = tmp_path / "tied.npz"
+  np.savez(npz, **arrays)
+  rng = np.random.default_rng(0)
+  lists = np.stack([rng.permutation(np.r_[query, rng.choice(np.delete(np.arange(64), query), 7,
+                                                            replace=False)])
+                    for query in range(64)])
+  candidates = tmp_path / "candidates.txt"
+  candidates.write_text("\n".join(" ".join(map(str, row)) for row in lists) + "\n")
+  output = tmp_path / "metrics.json"
+  result = run_cli(f"--embeddings={npz}", f"--output={output}", "--protocol=soft",
+                   f"--candidates={candidates}", "--ties=paper", "--skip_ties",
+                   "--threshold=0.5", "--block_rows=8", "--block_cols=16")
+  assert result.returncode == 0, result.stderr
+  written = json.loads(output.read_text())
+  want = protocols.evaluate(
+      arrays, protocols.Protocol(kind="soft", ties="paper", skip_ties=True, threshold=0.5),
+      candidates=lists, normalize=True)
+  assert {name: value for name, value in written.items()
+          if not name.startswith("settings/")} == pytest.approx(want)
+  assert written["settings/ties"] == "paper" and written["settings/threshold"] == 0.5
+  assert written["settings/candidates"] == str(candidates)
+  assert "speech_to_text/macro_f1" in written and "by_source/brown/text_to_speech/num_queries" in written
+
+
+@pytest.mark.parametrize("args,status,message", [
+    (["--protocol=hard", "--candidates=lists.txt"], 2, "--candidates needs --protocol=soft"),
+    (["--ties=coin"], 2, "--ties"),
+    (["--protocol=soft", "--candidates=missing.txt"], 1, "--candidates: cannot read"),
+])
+def test_tie_and_candidate_flags_are_checked(npz_path, tmp_path, args, status, message):
+  result = run_cli(f"--embeddings={npz_path}", f"--output={tmp_path / 'o.json'}", *args)
+  assert result.returncode == status and "Traceback" not in result.stderr
+  assert message in result.stderr.strip().splitlines()[-1]
+
+
 def test_bad_input_gives_one_line_and_nonzero_exit(npz_path, tmp_path):
   missing = run_cli(f"--embeddings={tmp_path / 'nope.npz'}", f"--output={tmp_path / 'o.json'}")
   assert missing.returncode == 1
@@ -67,7 +106,8 @@ def test_help_lists_the_flags():
   assert "Traceback" not in result.stderr
   assert "python -m clasp_jax.evaluate --embeddings=" in result.stdout
   for flag in ("--embeddings", "--output", "--protocol", "--num_candidates", "--skip_ties",
-               "--duplicates_as_hits", "--breakdowns", "--cross_lingual"):
+               "--duplicates_as_hits", "--breakdowns", "--cross_lingual", "--ties",
+               "--candidates", "--threshold"):
     assert flag in result.stdout + result.stderr, flag
 
 

@@ -206,3 +206,41 @@ def test_preprocessing_follows_the_feature_extractor_config(do_normalize):
   expected = feature_extractor(waveform, sampling_rate=16_000).input_values[0]
   np.testing.assert_allclose(preprocessing.apply(waveform), expected, atol=1e-5)
   assert np.isfinite(preprocessing.apply(np.zeros(4000, np.float32))).all()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["normalizing", "raw"])
+def hubert(request, tmp_path_factory):
+  """Tiny random HuBERTs whose feature extractor does (as hubert-large-ls960-ft's does) or
+  does not normalise each clip itself; without it the peak the clip was divided by shows."""
+  from tests.helpers import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.build_hubert(tmp_path_factory.mktemp("hubert"),
+                                  do_normalize=request.param)
+
+
+def test_embeddings_prepare_audio_as_the_authors_did(hubert, tmp_path):
+  """8 kHz and 22.05 kHz files: librosa.load(sr=16000) divided by the clip's peak before
+  resampling (the authors' order), the checkpoint's feature extractor and transformers' model,
+  mean-pooled."""
+  librosa = pytest.importorskip("librosa")
+  model, feature_extractor, folder = hubert
+  rng = np.random.RandomState(3)
+  paths = []
+  for rate, seconds in ((8_000, 0.9), (22_050, 1.1), (8_000, 0.35)):
+    time = np.arange(int(seconds * rate)) / rate
+    # Energy near the new Nyquist frequency, where resamplers differ most.
+    clip = (0.3 * np.sin(2 * np.pi * 3_700 * time) + 0.2 * np.sin(2 * np.pi * 523 * time) +
+            0.05 * rng.randn(time.size))
+    paths.append(str(tmp_path / f"clip_{rate}_{len(paths)}.wav"))
+    soundfile.write(paths[-1], clip, rate, subtype="FLOAT")
+  output = tmp_path / "speech.npy"
+  assert run_embed(f"--encoder={folder}", f"--input={tmp_path}", f"--output={output}",
+                   "--batch_size=2") == 0
+  embeddings = np.load(output)
+  for row, path in enumerate(sorted(paths)):
+    waveform, _ = librosa.load(path, sr=16_000)
+    source_peak = np.max(np.abs(librosa.load(path, sr=None)[0]))
+    inputs = feature_extractor(waveform / source_peak, sampling_rate=16_000,
+                               return_tensors="pt")
+    with torch.no_grad():
+      expected = model(inputs.input_values).last_hidden_state[0].mean(0).numpy()
+    assert np.abs(embeddings[row] - expected).max() < 1e-3, path

@@ -50,6 +50,20 @@ def test_cli_rows_match_sentence_transformers_in_input_order(tmp_path, input_fil
   assert not os.path.exists(output + ".partial.npy")
 
 
+def test_text_rule_prepares_each_line_first(tmp_path, minilm_dir):
+  """--text_rule=lowercase_no_punctuation embeds what the authors embedded for Common Voice."""
+  source = tmp_path / "cv.txt"
+  source.write_text("It's Mr. O'Neil's turn!\nHello, World.\n", encoding="utf-8")
+  prepared = tmp_path / "prepared.txt"
+  prepared.write_text("its mr oneils turn\nhello world\n", encoding="utf-8")
+  outputs = []
+  for path, rule in ((source, "lowercase_no_punctuation"), (prepared, "as_is")):
+    outputs.append(str(tmp_path / f"{rule}.npy"))
+    assert text_embedding.run(["embed text", f"--encoder={minilm_dir}", f"--input={path}",
+                               f"--output={outputs[-1]}", f"--text_rule={rule}"]) == 0
+  np.testing.assert_array_equal(np.load(outputs[0]), np.load(outputs[1]))
+
+
 def test_module_entry_point_runs(tmp_path, minilm_dir):
   input_path = tmp_path / "two.txt"
   input_path.write_text("first sentence\nsecond one\n", encoding="utf-8")

@@ -16,7 +16,7 @@ from clasp_jax.common.config_args import ConfigError
 
 CONFIG_FILE = "config.json"
 TEXT_DEFAULTS = {"kind": "precomputed", "encoder": "", "trainable_top_layers": 0,
-                 "max_length": 64}
+                 "max_length": 64, "preparation": "as_is"}
 
 
 class WorkdirError(ConfigError):
@@ -39,21 +39,16 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if "model" not in config:
       raise ConfigError("config has no `model` block: not a CLASP training config")
     model = config.model
-    if "text" in config and "encoder" in config.text:
+    if "text" in config:
       if "text" in model:
         raise ConfigError("config has both a top-level `text` block (the old layout) and "
                           "`model.text`; keep only `model.text`")
       legacy = config.text
       text = dict(TEXT_DEFAULTS)
-      text.update({key: legacy[key] for key in ("encoder", "trainable_top_layers", "max_length")
-                   if key in legacy})
+      text.update({key: legacy[key] for key in TEXT_DEFAULTS if key in legacy})
       text["kind"] = "encoder" if text["encoder"] else "precomputed"
       model.text = ml_collections.ConfigDict(text)
-      remaining = {key: value for key, value in legacy.items() if key not in text}
-      if remaining:
-        config.text = ml_collections.ConfigDict(remaining)
-      else:
-        del config["text"]
+      del config["text"]
     elif "text" not in model:
       model.text = ml_collections.ConfigDict(TEXT_DEFAULTS)
     if "speech" not in model:

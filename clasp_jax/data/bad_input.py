@@ -75,6 +75,9 @@ class Clip:
   audio: np.ndarray  # (num_samples,) float32 in [-1, 1]
   source_sample_rate: int
   source_channels: int
+  # max |x| of the mono audio at the source rate, before resampling: the authors divided by
+  # this peak (audio_io), which resampling can move.
+  source_peak: float = 1.0
 
 
 class BadInputPolicy:
@@ -181,12 +184,13 @@ def decode_clip(path: str | os.PathLike, limits: AudioLimits) -> Clip:
   if duration_s > limits.max_duration_s:
     raise BadInputError(path, TOO_LONG, f"{duration_s:.1f} s > {limits.max_duration_s:.1f} s")
   channels = audio.shape[1]
-  mono = audio_io.resample(audio_io.to_mono(audio), source_rate, audio_io.TARGET_SAMPLE_RATE)
-  peak = float(np.max(np.abs(mono))) if mono.size else 0.0
+  source_mono = audio_io.to_mono(audio)
+  mono = audio_io.resample(source_mono, source_rate, audio_io.TARGET_SAMPLE_RATE)
+  peak = audio_io.peak(mono)
   if peak <= limits.silence_peak:
     raise BadInputError(path, SILENT, f"peak {peak:.2e} <= {limits.silence_peak:.0e}")
   return Clip(audio=np.clip(mono, -1.0, 1.0), source_sample_rate=int(source_rate),
-              source_channels=int(channels))
+              source_channels=int(channels), source_peak=audio_io.peak(source_mono))
 
 
 def decode_or_error(path: str | os.PathLike, limits: AudioLimits) -> Clip | BadInputError:

@@ -26,6 +26,7 @@ from clasp_jax.common import cli
 from clasp_jax.data import bad_input
 from clasp_jax.data import tfds_builder
 from clasp_jax.data.sources import common_voice
+from clasp_jax.data.sources import fleurs
 from clasp_jax.data.sources import registry as readers
 
 FLAGS = cli.FlagValues()
@@ -52,6 +53,10 @@ _LANGUAGES = FLAGS.DEFINE_list(
 _COMMON_VOICE_SPLITS = FLAGS.DEFINE_enum(
     "common_voice_splits", "official", common_voice.SPLIT_MODES,
     "official: train/dev/test.tsv; validated: seeded sentence split of validated.tsv.")
+_FLEURS_TEXT = FLAGS.DEFINE_enum(
+    "fleurs_text", "transcription", list(fleurs.TEXT_COLUMNS),
+    "FLEURS text column: transcription (normalised: lower case, no punctuation; what the "
+    "authors embedded) or raw_transcription (as written).")
 _DEFAULT_LANGUAGE = FLAGS.DEFINE_string("default_language", "und",
                                         "Manifest rows without a language get this.")
 _DEFAULT_CATEGORY = FLAGS.DEFINE_string("default_category", "uncategorized",
@@ -77,7 +82,7 @@ def main() -> None:
   try:
     examples = readers.read_source(_KIND.value, source, _LANGUAGES.value,
                                    _COMMON_VOICE_SPLITS.value, _DEFAULT_LANGUAGE.value,
-                                   _DEFAULT_CATEGORY.value)
+                                   _DEFAULT_CATEGORY.value, _FLEURS_TEXT.value)
     logging.info("read %d utterances from %s", len(examples), source)
     dataset_dir = tfds_builder.build_dataset(
         examples, os.path.expanduser(_DATA_DIR.value), options, overwrite=_OVERWRITE.value)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from clasp_jax.common.mesh import DATA_AXIS
-from clasp_jax.data import audio_io, features
+from clasp_jax.data import audio_io, features, text_prep
 from clasp_jax.data.sampling import EpochSampler, FullPassSampler, LengthBucketedSampler
 from clasp_jax.data.tfds_builder import INT16_SCALE
 
@@ -87,6 +87,8 @@ class PipelineConfig:
       padded with rows whose `valid` is False.
     prefetch: batches prepared ahead of the consumer.
     num_threads: background threads reading and shaping batches.
+    text_preparation: how sentences are prepared for the text encoder, by their source
+      (text_prep.PREPARATIONS; 'paper': as the authors prepared each source).
   """
 
   global_batch_size: int
@@ -98,6 +100,7 @@ class PipelineConfig:
   length_buckets_s: tuple[float, ...] = ()
   bucket_window: int = 0
   full_pass: bool = False
+  text_preparation: str = "as_is"
   prefetch: int = 4
   num_threads: int = 2
 
@@ -182,7 +185,8 @@ class InputPipeline:
       arrays, host = self._audio_rows(step, indices)
     arrays.update(valid=valid, example_index=indices.astype(np.int32))
     if self.text_encoder is not None:
-      encoded = self.text_encoder(list(host["text"]))
+      encoded = self.text_encoder(text_prep.prepare_by_source(
+          list(host["text"]), list(host["source"]), self.config.text_preparation))
       clashes = set(encoded) & set(arrays)
       if clashes:
         raise ValueError(f"text encoder outputs {sorted(clashes)} clash with input fields")
@@ -200,7 +204,8 @@ class InputPipeline:
       offset = self._crop_offset(step, int(index), len(clip), num_samples)
       clip = clip[offset:offset + num_samples].astype(np.float32) / INT16_SCALE
       if self.config.peak_normalize:
-        clip = audio_io.peak_normalize(clip)
+        # By the peak before resampling where the dataset recorded it (the authors' order).
+        clip = audio_io.peak_normalize(clip, source_peak=record.get("source_peak"))
       audio[row, :len(clip)] = clip
       mask[row, :len(clip)] = True
     host = {field: np.asarray([record[field] for record in records], dtype=object)
@@ -281,7 +286,9 @@ def pipeline_config(config, *, train: bool) -> PipelineConfig:
   Fields that workdirs written before they existed lack take the defaults of PipelineConfig.
   """
   data = config.data
+  text = config.model.get("text", None) or {}  # Configs older than model.text: upgrade_config.
   common = dict(
+      text_preparation=str(text.get("preparation", PipelineConfig.text_preparation)),
       max_duration_s=float(data.get("max_duration_s", PipelineConfig.max_duration_s)),
       peak_normalize=bool(data.get("peak_normalize", PipelineConfig.peak_normalize)),
       length_buckets_s=tuple(data.get("length_buckets_s", ()) or ()),

@@ -49,7 +49,10 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
 class SpeechTextSplit:
   """One split of one built dataset.
 
-  Items are dicts with `audio` (int16 (num_samples,)) and the text fields as `str`.
+  Items are dicts with `audio` (int16 (num_samples,)) and the text fields as `str`, and
+  `source_peak` (float: the clip's peak before it was resampled, in the units of `audio` /
+  audio_scale, which the authors divided by) when the dataset recorded it (datasets built
+  before it did have no such key: normalise by the peak of `audio` then).
   `lengths` holds every example's sample count (from the metadata, without reading audio).
   """
 
@@ -66,17 +69,28 @@ class SpeechTextSplit:
     if len(self.lengths) != len(self._source):
       raise ValueError(f"{self.dataset_dir}: metadata lists {len(self.lengths)} lengths for "
                        f"{split} but the split holds {len(self._source)} examples")
+    peaks = self.metadata.get("source_peak", {}).get(split)
+    self.source_peaks = None if peaks is None else np.asarray(peaks, dtype=np.float64)
+    if self.source_peaks is not None and len(self.source_peaks) != len(self.lengths):
+      raise ValueError(f"{self.dataset_dir}: metadata lists {len(self.source_peaks)} peaks for "
+                       f"{split} but the split holds {len(self.lengths)} examples")
 
   def __len__(self) -> int:
     return len(self._source)
 
+  def _with_peak(self, record: dict[str, Any], index: int) -> dict[str, Any]:
+    if self.source_peaks is not None:
+      record["source_peak"] = float(self.source_peaks[index])
+    return record
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return _decode(self._source[int(index)])
+    return self._with_peak(_decode(self._source[int(index)]), int(index))
 
   def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     """Several examples at once (array_record batches the reads)."""
-    records = self._source.__getitems__([int(i) for i in indices])
-    return [_decode(record) for record in records]
+    indices = [int(i) for i in indices]
+    records = self._source.__getitems__(indices)
+    return [self._with_peak(_decode(record), index) for record, index in zip(records, indices)]
 
 
 class ConcatenatedSplit:

@@ -172,6 +172,8 @@ class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, examples: Sequence[SourceExample]):
     limits = self._options.limits
     lengths = self._build_metadata.setdefault("num_samples", {}).setdefault(split, [])
+    # Each clip's peak before resampling, for the authors' normalisation order (reader.py).
+    peaks = self._build_metadata.setdefault("source_peak", {}).setdefault(split, [])
     decoded = _ordered_parallel_map(
         lambda example: bad_input.decode_or_error(example.audio_path, limits), examples,
         self._options.num_workers)
@@ -185,6 +187,7 @@ class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
         continue
       audio = np.clip(np.round(clip.audio * INT16_SCALE), -32768, 32767).astype(np.int16)
       lengths.append(int(audio.shape[0]))
+      peaks.append(float(clip.source_peak))
       # Zero-padded keys keep the stored order equal to the yield order.
       yield f"{position:09d}", {
           "id": example.id,

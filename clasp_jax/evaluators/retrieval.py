@@ -12,10 +12,13 @@ metrics.jsonl. Example config entry:
                                 num_candidates=100, seed=0, every_steps=1000)
 
 Keys read here (missing keys take these defaults): protocol ('hard'), num_candidates (100),
-seed (0), skip_ties (False), duplicates_as_hits (False), breakdowns (None: every field
-present), cross_lingual (() of 'text_lang:speech_lang'), ks ((1, 5, 10)), normalize (False),
-and optional tile sizes block_rows, block_cols, chunk_rows, chunk_cols. `type`, `split` and
-`every_steps` belong to the trainer.
+seed (0), ties ('expected'; 'paper' for the authors' argmax rule, see
+clasp_jax/retrieval/metrics.py), skip_ties (False), threshold (None: no thresholded numbers),
+candidates ('': random soft candidates; a candidate-list file otherwise), duplicates_as_hits
+(False), breakdowns (None: every field present), cross_lingual (() of
+'text_lang:speech_lang'), ks ((1, 5, 10)), normalize (False), and optional tile sizes
+block_rows, block_cols, chunk_rows, chunk_cols. `type`, `split` and `every_steps` belong to
+the trainer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from clasp_jax.inference import split_embedding
 from clasp_jax.retrieval import evaluation as protocols
+from clasp_jax.retrieval import metrics as metrics_lib
 from clasp_jax.retrieval import scoring
 
 
@@ -49,6 +53,8 @@ def protocol_from_config(config: ml_collections.ConfigDict) -> protocols.Protoco
       breakdowns=None if breakdowns is None else _as_tuple(breakdowns),
       cross_lingual=protocols.parse_cross_lingual(_as_tuple(config.get("cross_lingual", ()))),
       ks=tuple(int(k) for k in _as_tuple(config.get("ks", (1, 5, 10)))),
+      ties=str(config.get("ties", metrics_lib.DEFAULT_TIE_RULE)),
+      threshold=None if config.get("threshold", None) is None else float(config.threshold),
   )
 
 
@@ -70,6 +76,9 @@ class Evaluator:
         **{name: int(config.get(name, 0) or 0)
            for name in ("block_rows", "block_cols", "chunk_rows", "chunk_cols")})
     self.normalize = bool(config.get("normalize", False))
+    self.candidates_path = str(config.get("candidates", "") or "")
+    if self.candidates_path and self.protocol.kind != "soft":
+      raise protocols.InputError("candidates are for protocol='soft'")
     self.mesh = mesh
     self.predict_fn = predict_fn
     self.split = config.get("split", "validation")
@@ -87,7 +96,9 @@ class Evaluator:
   def score(self, embeddings: Mapping[str, np.ndarray]) -> Iterator[tuple[str, float]]:
     """Yields ('speech_to_text/hits@1', value), ('by_category/news/...', value), ..."""
     corpus = protocols.Corpus.from_mapping(embeddings, normalize=self.normalize)
+    candidates = (protocols.read_candidates(self.candidates_path, corpus.size)
+                  if self.candidates_path else None)
     metrics = protocols.evaluate(corpus, self.protocol, mesh=self.mesh,
-                                 blocking=self.blocking)
+                                 blocking=self.blocking, candidates=candidates)
     for name in sorted(metrics):
       yield name, float(metrics[name])

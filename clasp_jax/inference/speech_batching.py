@@ -69,12 +69,16 @@ class ReadFailure:
 
 
 def read_clips(paths: Iterable[str], sample_rate: int, min_samples: int,
-               prepare: Callable[[np.ndarray], np.ndarray]
+               prepare: Callable[[np.ndarray], np.ndarray], *, peak_normalize: bool = False
                ) -> Iterator[tuple[str, np.ndarray | ReadFailure]]:
-  """Yields (path, prepared waveform) or (path, ReadFailure) in order, never raising per file."""
+  """Yields (path, prepared waveform) or (path, ReadFailure) in order, never raising per file.
+
+  peak_normalize divides each clip by its peak at the source rate, before resampling (the
+  authors' order; see audio_io).
+  """
   for path in paths:
     try:
-      waveform, _, _ = audio_io.read_audio(path, sample_rate)
+      waveform, _, _ = audio_io.read_audio(path, sample_rate, peak_normalize=peak_normalize)
       if waveform.shape[0] < min_samples:
         raise ClipTooShortError(path, waveform.shape[0], min_samples, sample_rate)
       yield path, prepare(waveform)
@@ -119,11 +123,7 @@ def run_batches(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint, paths: Sequenc
   files read; `on_failure` hears of each bad file as it is met.
   """
   preprocessing = checkpoint.preprocessing
-
-  def prepare(waveform):
-    if peak_normalize:
-      waveform = audio_io.peak_normalize(waveform)
-    return preprocessing.apply(waveform)
+  prepare = preprocessing.apply  # Peak normalisation happens as the file is read.
 
   min_samples = wav2vec2.receptive_field(checkpoint.config)
   pad_multiple = max(min_samples, int(PAD_MULTIPLE_SECONDS * preprocessing.sampling_rate))
@@ -138,7 +138,8 @@ def run_batches(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint, paths: Sequenc
     pending_paths.clear()
     pending_clips.clear()
 
-  clips = read_clips(paths, preprocessing.sampling_rate, min_samples, prepare)
+  clips = read_clips(paths, preprocessing.sampling_rate, min_samples, prepare,
+                     peak_normalize=peak_normalize)
   for done, (path, clip) in enumerate(clips, start=1):
     if isinstance(clip, ReadFailure):
       result.failures.append(clip)

@@ -43,8 +43,9 @@ def define_speech_flags(flag_values: cli.FlagValues) -> None:
   flag_values.DEFINE_integer("batch_size", 8, "Clips per forward pass.", lower_bound=1)
   flag_values.DEFINE_bool("skip_bad", False, "Skip unreadable or too-short files (and print how "
                           "many) instead of failing.")
-  flag_values.DEFINE_bool("peak_normalize", True, "Divide each clip by its peak magnitude first, "
-                          "as CLASP did (silent clips are left silent).")
+  flag_values.DEFINE_bool("peak_normalize", True, "Divide each clip by its peak magnitude at "
+                          "the source rate, before resampling, as CLASP did (silent clips are "
+                          "left silent).")
   flag_values.DEFINE_enum("dtype", "float32", list(_DTYPES), "Compute dtype of the encoder.")
   flag_values.DEFINE_enum("precision", "highest", list(precision.NAMES),
                           "Matmul precision on GPU/TPU; 'highest' matches PyTorch float32, "

@@ -6,7 +6,11 @@ DIR is a sentence-transformers folder (LaBSE, all-MiniLM-L6-v2, an XLM-R paraphr
 a plain Hugging Face BERT / XLM-R folder (then mean pooling). FILE.txt is UTF-8; every line is
 one sentence, empty lines included, and OUT.npy holds one float32 row per line in input order
 (a final newline does not start an extra sentence). The vectors equal
-SentenceTransformer(DIR).encode(lines) within float32 rounding.
+SentenceTransformer(DIR).encode(lines) within float32 rounding. --text_rule prepares each line
+first, e.g. as the authors prepared Common Voice sentences:
+
+  python -m clasp_jax.embed text --encoder=DIR --input=cv_sentences.txt --output=OUT.npy \
+      --text_rule=lowercase_no_punctuation
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ FLAGS.DEFINE_enum("precision", "highest", ["highest", "high", "default"],
 FLAGS.DEFINE_integer("max_length", None, "Truncate at this many tokens instead of the model's "
                      "max_seq_length.", lower_bound=2)
 FLAGS.DEFINE_bool("data_parallel", False, "Split each batch over all local devices.")
+# Kept in step with clasp_jax.data.text_prep.RULES (not imported here: it would load before
+# the flags are parsed for nothing).
+FLAGS.DEFINE_enum("text_rule", "as_is", ["as_is", "lowercase", "lowercase_no_punctuation"],
+                  "Prepare every line first: as_is, lowercase, or lowercase_no_punctuation "
+                  "(the authors' preparation of Common Voice sentences).")
 
 
 def read_sentences(path: str) -> list[str]:
@@ -58,7 +67,9 @@ def main() -> None:
     raise cli.FlagError(f"--output {FLAGS.output}: must end in .npy")
   if not os.path.isdir(FLAGS.encoder):
     raise cli.UsageError(f"--encoder {FLAGS.encoder}: no such folder")
-  sentences = read_sentences(FLAGS.input)
+  from clasp_jax.data import text_prep
+  sentences = [text_prep.prepare(sentence, FLAGS.text_rule)
+               for sentence in read_sentences(FLAGS.input)]
 
   # Imported after the checks, so that bad input is reported before JAX starts.
   import jax  # pylint: disable=g-import-not-at-top

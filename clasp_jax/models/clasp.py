@@ -78,6 +78,9 @@ class ClaspModel(nn.Module):
   speech_kind: str = "features"
   speech_tower: speech_tower_lib.Settings | None = None
   text_kind: str | None = None
+  speech_branch_hidden: tuple[int, ...] = ()
+  spectrogram_branch_hidden: tuple[int, ...] = ()
+  normalize_inputs: bool = False
 
   @property
   def resolved_text_kind(self) -> str:
@@ -98,7 +101,10 @@ class ClaspModel(nn.Module):
     self.speech_encoder = FusionEncoder(
         fusion=self.fusion, mode=self.mode, embed_dim=self.embed_dim,
         branch_hidden=self.branch_hidden, branch_dropout=self.branch_dropout,
-        fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision)
+        fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision,
+        speech_branch_hidden=self.speech_branch_hidden,
+        spectrogram_branch_hidden=self.spectrogram_branch_hidden,
+        normalize_inputs=self.normalize_inputs)
     if self.speech_kind == "audio":
       self.audio_tower = speech_tower_lib.AudioSpeechTower(
           self.speech_tower or speech_tower_lib.Settings(), mode=self.mode,
@@ -219,6 +225,11 @@ def model_from_config(model_config: ml_collections.ConfigDict,
       branch_dropout=tuple(model_config.branch_dropout),
       fusion_hidden=tuple(model_config.fusion_hidden),
       precision=precision,
+      # Workdirs written before these fields existed had one width for both branches and
+      # raw inputs.
+      speech_branch_hidden=tuple(model_config.get("speech_branch_hidden", ())),
+      spectrogram_branch_hidden=tuple(model_config.get("spectrogram_branch_hidden", ())),
+      normalize_inputs=bool(model_config.get("normalize_inputs", False)),
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,

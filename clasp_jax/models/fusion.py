@@ -1,7 +1,14 @@
 """The CLASP fusion encoder: speech SSL features + spectrogram features -> one embedding.
 
 Layer widths, dropout rates, BatchNorm and LeakyReLU follow the authors' PyTorch module (see
-CLASP_REFERENCE.md, Pipeline 4); widths are configurable with the paper's as defaults.
+CLASP_REFERENCE.md, Pipeline 4); widths are configurable with the paper's as defaults, per
+branch (the authors' wav2vec2 ablation widens its speech branch to 700 -> 576).
+
+`normalize_inputs` L2-normalises each SSL and spectrogram vector before its branch, as the
+authors did (`F.normalize`; their released weights expect it). It is off by default: a
+workdir trained before the setting existed was trained on raw features and must embed the
+same way when it is loaded again, and the raw norm of a mean-pooled SSL vector is information
+the project's own runs may learn to use; the paper config turns it on.
 """
 
 from __future__ import annotations
@@ -84,10 +91,19 @@ class GatedFusion(nn.Module):
     return weights[:, :width] * speech + weights[:, width:] * spectrogram
 
 
+def l2_normalize_inputs(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis: PyTorch's F.normalize, the authors' input step."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
 class FusionEncoder(nn.Module):
   """Maps (speech features, spectrogram features) to an un-normalised speech embedding.
 
   `mode` selects the ablation: both branches fused ('joint'), or one branch alone.
+  `branch_hidden` gives both branches' hidden widths; `speech_branch_hidden` /
+  `spectrogram_branch_hidden` override it per branch (empty: `branch_hidden`).
+  `normalize_inputs` L2-normalises both input vectors first (see the module docstring).
   `precision` names the matmul precision (`clasp_jax.models.precision`): "highest" computes
   as PyTorch's float32 does on every backend.
   """
@@ -100,18 +116,26 @@ class FusionEncoder(nn.Module):
   fusion_hidden: Sequence[int] = (1024, 800)
   axis_name: str | None = None
   precision: str = "highest"
+  speech_branch_hidden: Sequence[int] = ()
+  spectrogram_branch_hidden: Sequence[int] = ()
+  normalize_inputs: bool = False
 
   def setup(self):
     if self.fusion not in FUSIONS:
       raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-    branch = dict(hidden=tuple(self.branch_hidden), out_dim=self.embed_dim,
-                  dropout=tuple(self.branch_dropout), axis_name=self.axis_name)
+    widths = {"speech": tuple(self.speech_branch_hidden or self.branch_hidden),
+              "spectrogram": tuple(self.spectrogram_branch_hidden or self.branch_hidden)}
+    for name, hidden in widths.items():
+      if len(hidden) != 2 or min(hidden) < 1:
+        raise ValueError(f"the {name} branch needs two positive hidden widths, got {hidden}")
+    branch = dict(out_dim=self.embed_dim, dropout=tuple(self.branch_dropout),
+                  axis_name=self.axis_name)
     if self.mode in ("joint", "speech"):
-      self.speech_branch = Branch(**branch)
+      self.speech_branch = Branch(hidden=widths["speech"], **branch)
     if self.mode in ("joint", "spectrogram"):
-      self.spectrogram_branch = Branch(**branch)
+      self.spectrogram_branch = Branch(hidden=widths["spectrogram"], **branch)
     if self.mode == "joint":
       if self.fusion == "concat":
         self.mix = ConcatFusion(hidden=tuple(self.fusion_hidden), out_dim=self.embed_dim,
@@ -122,6 +146,9 @@ class FusionEncoder(nn.Module):
   def __call__(self, speech: jax.Array | None, spectrogram: jax.Array | None, *,
                train: bool) -> jax.Array:
     with precision.scope(self.precision):
+      if self.normalize_inputs:
+        speech = None if speech is None else l2_normalize_inputs(speech)
+        spectrogram = None if spectrogram is None else l2_normalize_inputs(spectrogram)
       if self.mode == "speech":
         return self.speech_branch(speech, train=train)
       if self.mode == "spectrogram":

@@ -6,11 +6,15 @@ Protocols (see docs/evaluation.md):
     random (seeded) from the rest of the corpus.
 Both directions are evaluated: speech->text (a clip queries all texts) and text->speech.
 
-Options the paper used: the rank rule (1 + candidates strictly above the gold), skipping queries
-whose top score ties the gold one with a different item (`skip_ties`), and counting a duplicate
-text as a hit (`duplicates_as_hits`, duplicates share a `text_id`). Breakdowns slice the
-queries of one evaluation by category, language or source: a news query is still ranked
-against the whole corpus, which is how the paper's per-source columns add up to its total.
+Options the paper used: the rank rule (1 + candidates strictly above the gold), how a tie with
+the gold candidate counts (`ties`: 'paper' is the authors' argmax rule, see metrics.TIE_RULES),
+skipping queries whose top score ties the gold one with a different item (`skip_ties`; under
+'paper' only when that item has the lower index, as the authors' code skips), counting a
+duplicate text as a hit (`duplicates_as_hits`, duplicates share a `text_id`), the authors'
+candidate lists for the soft protocol (`candidates`) and their thresholded decisions
+(`threshold`). Breakdowns slice the queries of one evaluation by category, language or source:
+a news query is still ranked against the whole corpus, which is how the paper's per-source
+columns add up to its total.
 
 The input is a mapping of arrays (`Corpus.from_mapping`), so embeddings from an .npz file, a
 training step or any other source plug in the same way.
@@ -47,7 +51,12 @@ class Protocol:
     kind: 'hard' (whole corpus) or 'soft' (num_candidates per query).
     num_candidates: K of the soft protocol, the gold candidate included.
     seed: seeds the soft protocol's random candidates.
-    skip_ties: leave out queries whose top score ties the gold one with another item.
+    skip_ties: leave out queries whose top score ties the gold one with another item (under
+      ties='paper': only when that item has a lower index than the gold one, the authors'
+      rule).
+    ties: how a tie with the gold candidate counts, one of metrics.TIE_RULES.
+    threshold: when set, also the authors' golden accuracy and the macro / micro precision,
+      recall and F1 of the decisions 'candidate scores at least threshold'.
     duplicates_as_hits: any text with the gold `text_id` counts as the gold text (and any clip
       of such a text as the gold clip).
     breakdowns: fields to slice by; None means every one of BREAKDOWN_FIELDS the corpus has.
@@ -64,10 +73,16 @@ class Protocol:
   breakdowns: Optional[tuple[str, ...]] = None
   cross_lingual: tuple[tuple[str, str], ...] = ()
   ks: tuple[int, ...] = metrics_lib.DEFAULT_KS
+  ties: str = metrics_lib.DEFAULT_TIE_RULE
+  threshold: Optional[float] = None
 
   def __post_init__(self):
     if self.kind not in PROTOCOLS:
       raise InputError(f"protocol must be one of {PROTOCOLS}, got {self.kind!r}")
+    if self.ties not in metrics_lib.TIE_RULES:
+      raise InputError(f"ties must be one of {metrics_lib.TIE_RULES}, got {self.ties!r}")
+    if self.threshold is not None and not np.isfinite(self.threshold):
+      raise InputError(f"threshold must be a finite number, got {self.threshold}")
     if self.kind == "soft" and self.num_candidates < 1:
       raise InputError(f"num_candidates must be at least 1, got {self.num_candidates}")
     if self.breakdowns is not None:
@@ -76,6 +91,43 @@ class Protocol:
         raise InputError(f"unknown breakdowns {unknown}; choose from {BREAKDOWN_FIELDS}")
     if not self.ks or any(k < 1 for k in self.ks):
       raise InputError(f"ks must be positive, got {self.ks}")
+
+
+def read_candidates(path: str, num_items: int) -> np.ndarray:
+  """A candidate-list file: line i holds the candidate indices of query i.
+
+  Indices are separated by spaces, tabs or commas and count from 0; every line lists the same
+  number of candidates, the gold one anywhere among them. Returns (num_items, K) int64.
+  """
+  try:
+    with open(path, encoding="utf-8") as stream:
+      lines = stream.read().splitlines()
+  except (OSError, UnicodeDecodeError) as error:
+    raise InputError(f"--candidates: cannot read {path}: {error}") from error
+  while lines and not lines[-1].strip():
+    lines.pop()
+  if len(lines) != num_items:
+    raise InputError(f"--candidates: {path} has {len(lines)} lines, one per query is needed "
+                     f"({num_items})")
+  rows = []
+  for number, line in enumerate(lines, start=1):
+    fields = line.replace(",", " ").split()
+    try:
+      rows.append([int(field) for field in fields])
+    except ValueError:
+      raise InputError(f"--candidates: {path}:{number}: not a list of integers: "
+                       f"{line.strip()[:60]!r}") from None
+    if not rows[-1]:
+      raise InputError(f"--candidates: {path}:{number}: no candidates")
+    if len(rows[-1]) != len(rows[0]):
+      raise InputError(f"--candidates: {path}:{number}: {len(rows[-1])} candidates, line 1 "
+                       f"has {len(rows[0])}; every query needs as many")
+  lists = np.asarray(rows, dtype=np.int64)
+  bad = np.flatnonzero((lists < 0).any(axis=1) | (lists >= num_items).any(axis=1))
+  if len(bad):
+    raise InputError(f"--candidates: {path}:{bad[0] + 1}: indices must lie in "
+                     f"[0, {num_items})")
+  return lists
 
 
 def parse_cross_lingual(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -223,7 +275,7 @@ class Corpus:
 
 @dataclasses.dataclass(frozen=True)
 class DirectionResult:
-  """Per-item outcome of one direction: which items were queries, their ranks, what was skipped."""
+  """Per-item outcome of one direction: which items were queries, their counts, what was skipped."""
 
   counts: scoring.GoldCounts
   skipped: np.ndarray  # (n,) bool: a query left out by tie skipping.
@@ -260,53 +312,89 @@ def soft_candidates(query_keys: np.ndarray, candidate_keys: np.ndarray, protocol
 
 
 class Evaluation:
-  """Runs a protocol over a corpus and names every metric."""
+  """Runs a protocol over a corpus and names every metric.
+
+  `candidates` ((n, K) pool indices, e.g. from `read_candidates`) replaces the soft protocol's
+  random candidates for the paired corpus: query i (clip i, and text i the other way) is
+  ranked among the items listed in row i. Cross-lingual pairs still draw theirs.
+  """
 
   def __init__(self, protocol: Protocol, *, mesh=None, blocking: Optional[scoring.Blocking] = None,
-               progress: Optional[Callable[[str], None]] = None):
+               progress: Optional[Callable[[str], None]] = None,
+               candidates: Optional[np.ndarray] = None):
+    if candidates is not None and protocol.kind != "soft":
+      raise InputError("candidate lists are for the soft protocol (--protocol=soft)")
     self.protocol = protocol
     self.mesh = mesh
     self.blocking = blocking
     self.progress = progress
+    self.candidates = None if candidates is None else np.asarray(candidates, np.int64)
 
   def directions(self, zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndarray,
-                 text_keys: np.ndarray, seed_tag: Sequence[int] = ()
-                 ) -> dict[str, DirectionResult]:
+                 text_keys: np.ndarray, seed_tag: Sequence[int] = (),
+                 candidates: Optional[np.ndarray] = None) -> dict[str, DirectionResult]:
     """Both directions between a speech pool and a text pool, gold sets by equal keys."""
     protocol = self.protocol
+    paper = protocol.ties == "paper"
+    count_ties = protocol.ties in ("expected", "pessimistic") or (protocol.skip_ties and
+                                                                   not paper)
     if protocol.kind == "hard":
       speech_counts, text_counts = scoring.score_both_ways(
-          zspeech, ztext, speech_keys, text_keys, count_ties=protocol.skip_ties,
-          mesh=self.mesh, blocking=self.blocking, progress=self.progress)
+          zspeech, ztext, speech_keys, text_keys, count_ties=count_ties,
+          count_ties_before=paper, threshold=protocol.threshold, mesh=self.mesh,
+          blocking=self.blocking, progress=self.progress)
     else:
-      speech_counts = self._soft(zspeech, ztext, speech_keys, text_keys, (*seed_tag, 0))
-      text_counts = self._soft(ztext, zspeech, text_keys, speech_keys, (*seed_tag, 1))
+      speech_counts = self._soft(zspeech, ztext, speech_keys, text_keys, (*seed_tag, 0),
+                                 candidates)
+      text_counts = self._soft(ztext, zspeech, text_keys, speech_keys, (*seed_tag, 1),
+                               candidates)
     results = {}
     for direction, counts in zip(DIRECTIONS, (speech_counts, text_counts)):
-      skipped = counts.tied_at_top if protocol.skip_ties else np.zeros(len(counts.above), bool)
+      if not protocol.skip_ties:
+        skipped = np.zeros(len(counts.above), bool)
+      else:
+        skipped = counts.tied_before_gold if paper else counts.tied_at_top
       results[direction] = DirectionResult(counts=counts, skipped=skipped)
     return results
 
-  def _soft(self, zquery, zcandidate, query_keys, candidate_keys, seed_tag):
-    queries, lists = soft_candidates(query_keys, candidate_keys, self.protocol, seed_tag)
+  def _soft(self, zquery, zcandidate, query_keys, candidate_keys, seed_tag, candidates):
+    if candidates is None:
+      queries, lists = soft_candidates(query_keys, candidate_keys, self.protocol, seed_tag)
+    else:
+      queries, lists = np.arange(len(candidates)), candidates
+      holds_gold = np.any(candidate_keys[lists] == query_keys[:, None], axis=1)
+      if not np.all(holds_gold):
+        line = int(np.flatnonzero(~holds_gold)[0]) + 1
+        raise InputError(f"candidate list {line} (query {line - 1}) holds no gold candidate")
     if self.progress is not None:
-      self.progress(f"soft protocol: {len(queries)} queries x {self.protocol.num_candidates} "
-                    "candidates")
+      self.progress(f"soft protocol: {len(queries)} queries x {lists.shape[1]} candidates")
     return scoring.score_listed(zquery, zcandidate, query_keys, candidate_keys, lists, queries,
-                                mesh=self.mesh)
+                                mesh=self.mesh, threshold=self.protocol.threshold)
 
   def summarise(self, result: DirectionResult, prefix: str,
                 mask: Optional[np.ndarray] = None) -> dict[str, float]:
     """Metrics of the queries in `mask` under `prefix`; empty when none of them was scored."""
+    protocol = self.protocol
     scored = result.scored if mask is None else result.scored & mask
     if not np.any(scored):
       return {}
-    summary = {f"{prefix}/{name}": value
-               for name, value in metrics_lib.metrics_from_ranks(result.ranks[scored],
-                                                                 self.protocol.ks).items()}
+    counts = result.counts
+
+    def chosen(values):
+      return None if values is None else values[scored]
+
+    values = metrics_lib.metrics_from_counts(
+        counts.above[scored], chosen(counts.ties), chosen(counts.ties_before),
+        rule=protocol.ties, ks=protocol.ks)
+    if protocol.threshold is not None:
+      values.update(metrics_lib.threshold_metrics(
+          counts.gold_score[scored], counts.gold_at_threshold[scored],
+          counts.gold_members[scored], counts.at_threshold[scored],
+          counts.num_candidates[scored], protocol.threshold))
+    summary = {f"{prefix}/{name}": value for name, value in values.items()}
     summary[f"{prefix}/num_queries"] = float(np.sum(scored))
-    if self.protocol.skip_ties:
-      queries = result.counts.is_query if mask is None else result.counts.is_query & mask
+    if protocol.skip_ties:
+      queries = counts.is_query if mask is None else counts.is_query & mask
       summary[f"{prefix}/num_skipped"] = float(np.sum(result.skipped & queries))
     return summary
 
@@ -316,7 +404,10 @@ class Evaluation:
     if protocol.duplicates_as_hits and corpus.text_id is None:
       raise InputError("duplicates_as_hits needs text_id")
     keys = corpus.text_id if protocol.duplicates_as_hits else np.arange(corpus.size)
-    results = self.directions(corpus.zspeech, corpus.ztext, keys, keys)
+    if self.candidates is not None and len(self.candidates) != corpus.size:
+      raise InputError(f"{len(self.candidates)} candidate lists for {corpus.size} queries")
+    results = self.directions(corpus.zspeech, corpus.ztext, keys, keys,
+                              candidates=self.candidates)
     metrics = {}
     for direction, result in results.items():
       metrics.update(self.summarise(result, direction))
@@ -379,11 +470,16 @@ class Evaluation:
 def evaluate(arrays_or_corpus: Mapping[str, Any] | Corpus, protocol: Protocol, *, mesh=None,
              blocking: Optional[scoring.Blocking] = None,
              progress: Optional[Callable[[str], None]] = None,
-             normalize: bool = False) -> dict[str, float]:
-  """Every metric of `protocol` on a corpus (or a mapping of arrays that makes one)."""
+             normalize: bool = False,
+             candidates: Optional[np.ndarray] = None) -> dict[str, float]:
+  """Every metric of `protocol` on a corpus (or a mapping of arrays that makes one).
+
+  `candidates`: the soft protocol's candidate lists for the paired corpus (see Evaluation).
+  """
   corpus = (arrays_or_corpus if isinstance(arrays_or_corpus, Corpus)
             else Corpus.from_mapping(arrays_or_corpus, normalize=normalize))
   try:
-    return Evaluation(protocol, mesh=mesh, blocking=blocking, progress=progress).run(corpus)
+    return Evaluation(protocol, mesh=mesh, blocking=blocking, progress=progress,
+                      candidates=candidates).run(corpus)
   except scoring.TooManyPairsError as error:
     raise InputError(str(error)) from error

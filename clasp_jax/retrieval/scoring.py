@@ -28,6 +28,13 @@ its duplicate's score in the last bit. For the plain paired protocol (row i's go
 those gold tiles are the walk's own diagonal tiles: they are counted there and skipped in the
 walk, so the matrix is computed exactly once.
 
+Tie rules. Besides the candidates strictly above the gold score, the walk can count, per
+query, the candidates tying it exactly ('ties'), those tying it at a lower index than the
+query's first gold candidate that reaches the gold score ('ties_before': `np.argmax` over the
+row picks such a candidate instead of the gold one, the authors' HITS@1 rule), and those
+scoring at least a threshold ('at_threshold', for thresholded retrieval decisions). Each is a
+sum over the tile, so no rule needs the matrix itself.
+
 Devices. With several devices, each resident row chunk is split over the mesh axis 'data'; the
 column chunk is replicated, column counts are summed with `psum` and row counts gathered, all
 inside `jax.shard_map`.
@@ -137,6 +144,10 @@ def fit_tiles(count: int, block: int, chunk: int, align: int,
   return tile, tile * max(1, math.ceil(per_chunk / tile)), chunks
 
 
+# What the tile walk can count per query; see the module docstring.
+COUNT_KINDS = ("above", "ties", "ties_before", "at_threshold")
+
+
 @dataclasses.dataclass(frozen=True)
 class GoldCounts:
   """Where each query's gold set lands among its candidates.
@@ -145,12 +156,26 @@ class GoldCounts:
     gold_score: (n,) float32 best score in the query's gold set; NaN where the gold set is
       empty (the item is no query in this direction).
     above: (n,) int64 candidates outside the gold set scoring strictly higher.
-    ties: (n,) int64 candidates outside the gold set scoring exactly the gold score.
+    ties: (n,) int64 candidates outside the gold set scoring exactly the gold score (zeros
+      when not counted).
+    ties_before: (n,) int64 of those ties, the ones at a lower candidate index than the first
+      gold candidate reaching the gold score; None when not counted.
+    at_threshold: (n,) int64 candidates outside the gold set scoring at least the threshold;
+      None without a threshold.
+    gold_at_threshold: (n,) int64 gold candidates scoring at least the threshold; None
+      without a threshold.
+    gold_members: (n,) int64 gold candidates of each query (1 unless keys repeat).
+    num_candidates: (n,) int64 candidates each query is ranked among.
   """
 
   gold_score: np.ndarray
   above: np.ndarray
   ties: np.ndarray
+  ties_before: Optional[np.ndarray] = None
+  at_threshold: Optional[np.ndarray] = None
+  gold_at_threshold: Optional[np.ndarray] = None
+  gold_members: Optional[np.ndarray] = None
+  num_candidates: Optional[np.ndarray] = None
 
   @property
   def is_query(self) -> np.ndarray:
@@ -165,6 +190,14 @@ class GoldCounts:
   def tied_at_top(self) -> np.ndarray:
     """Queries whose top score is shared by the gold set and some other candidate."""
     return self.is_query & (self.above == 0) & (self.ties > 0)
+
+  @property
+  def tied_before_gold(self) -> np.ndarray:
+    """Queries whose argmax (the lowest index among the top scores) is a non-gold candidate
+    tying the gold score: the queries the authors' tie skipping leaves out."""
+    if self.ties_before is None:
+      raise ValueError("ties_before was not counted")
+    return self.is_query & (self.above == 0) & (self.ties_before > 0)
 
 
 def default_mesh() -> Mesh:
@@ -193,17 +226,34 @@ def _dot_tile(rows: jax.Array, cols: jax.Array) -> jax.Array:
   return lax.optimization_barrier(scores)
 
 
-def _tile_counts(scores: jax.Array, gold: jax.Array, axis: int, count_ties: bool) -> jax.Array:
-  """(k, n) candidates above (and tied with) `gold` along `axis`; gold broadcasts along it."""
-  above = jnp.sum(scores > gold, axis=axis, dtype=jnp.int32)
-  if not count_ties:
-    return above[None]
-  return jnp.stack([above, jnp.sum(scores == gold, axis=axis, dtype=jnp.int32)])
+def _tile_counts(scores: jax.Array, gold: jax.Array, axis: int, kinds: tuple[str, ...], *,
+                 gold_index: jax.Array, candidate_index: jax.Array,
+                 threshold: jax.Array) -> jax.Array:
+  """(len(kinds), n) counts along `axis` of a tile, one row per kind (COUNT_KINDS).
+
+  gold and gold_index (the query's first gold candidate reaching the gold score) broadcast
+  along `axis`; candidate_index (global candidate indices) along the other axis.
+  """
+  counted = []
+  for kind in kinds:
+    if kind == "above":
+      hit = scores > gold
+    elif kind == "ties":
+      hit = scores == gold
+    elif kind == "ties_before":
+      hit = (scores == gold) & (candidate_index < gold_index)
+    elif kind == "at_threshold":
+      hit = scores >= threshold
+    else:
+      raise ValueError(f"unknown count kind {kind!r}; choose from {COUNT_KINDS}")
+    counted.append(jnp.sum(hit, axis=axis, dtype=jnp.int32))
+  return jnp.stack(counted)
 
 
-def _tile_walk(rows, cols, row_gold, col_gold, first_row_block, first_col_block, *,
-               block_rows: int, block_cols: int, count_rows: bool, count_cols: bool,
-               count_ties: bool, skip_diagonal: bool):
+def _tile_walk(rows, cols, row_gold, col_gold, row_gold_index, col_gold_index,
+               first_row_block, first_col_block, threshold, *, block_rows: int,
+               block_cols: int, count_rows: bool, count_cols: bool, kinds: tuple[str, ...],
+               skip_diagonal: bool):
   """Counts over every (row block, column block) tile of one device's rows and all columns.
 
   Args:
@@ -211,33 +261,45 @@ def _tile_walk(rows, cols, row_gold, col_gold, first_row_block, first_col_block,
     cols: (C, d) text columns, C a multiple of block_cols.
     row_gold: (R,) gold score per row (+inf for rows that are not queries).
     col_gold: (C,) gold score per column.
+    row_gold_index: (R,) int32 global column index of each row's first gold candidate
+      reaching its gold score; col_gold_index: (C,) the same for columns (global rows).
     first_row_block, first_col_block: global tile indices of rows[0] and cols[0].
+    threshold: () float32, for the 'at_threshold' kind.
+    kinds: what to count (COUNT_KINDS), one output row each.
     skip_diagonal: leave out tiles whose global row and column tile indices are equal (the
       gold-pair pass has counted them).
   Returns:
-    row_counts: (k, R) int32, col_counts: (k, C) int32 partial over this device's rows; k is 2
-    (above, ties) when count_ties else 1 (above).
+    row_counts: (k, R) int32, col_counts: (k, C) int32 partial over this device's rows, with
+    k = len(kinds).
   """
   dim = rows.shape[1]
-  kinds = 2 if count_ties else 1
+  num_kinds = len(kinds)
   row_blocks = rows.reshape(-1, block_rows, dim)
   col_blocks = cols.reshape(-1, block_cols, dim)
   row_gold_blocks = row_gold.reshape(-1, block_rows)
   col_gold_blocks = col_gold.reshape(-1, block_cols)
-  no_row_counts = jnp.zeros((kinds, block_rows), jnp.int32)
-  no_col_counts = jnp.zeros((kinds, block_cols), jnp.int32)
+  row_index_blocks = row_gold_index.reshape(-1, block_rows)
+  col_index_blocks = col_gold_index.reshape(-1, block_cols)
+  no_row_counts = jnp.zeros((num_kinds, block_rows), jnp.int32)
+  no_col_counts = jnp.zeros((num_kinds, block_cols), jnp.int32)
 
   def over_row_blocks(col_totals, row_inputs):
-    row_index, row_block, row_block_gold = row_inputs
+    row_index, row_block, row_block_gold, row_block_gold_index = row_inputs
+    global_rows = (first_row_block + row_index) * block_rows + jnp.arange(block_rows)
 
     def over_col_blocks(row_totals, col_inputs):
-      col_index, col_block, col_block_gold = col_inputs
+      col_index, col_block, col_block_gold, col_block_gold_index = col_inputs
+      global_cols = (first_col_block + col_index) * block_cols + jnp.arange(block_cols)
 
       def counted():
         scores = _dot_tile(row_block, col_block)  # (br, d) @ (d, bc) -> (br, bc)
-        return ((_tile_counts(scores, row_block_gold[:, None], 1, count_ties)
+        return ((_tile_counts(scores, row_block_gold[:, None], 1, kinds,
+                              gold_index=row_block_gold_index[:, None],
+                              candidate_index=global_cols[None, :], threshold=threshold)
                  if count_rows else no_row_counts),
-                (_tile_counts(scores, col_block_gold[None, :], 0, count_ties)
+                (_tile_counts(scores, col_block_gold[None, :], 0, kinds,
+                              gold_index=col_block_gold_index[None, :],
+                              candidate_index=global_rows[:, None], threshold=threshold)
                  if count_cols else no_col_counts))
 
       if skip_diagonal:
@@ -249,29 +311,30 @@ def _tile_walk(rows, cols, row_gold, col_gold, first_row_block, first_col_block,
 
     row_totals, col_parts = lax.scan(
         over_col_blocks, no_row_counts,
-        (jnp.arange(col_blocks.shape[0]), col_blocks, col_gold_blocks))
+        (jnp.arange(col_blocks.shape[0]), col_blocks, col_gold_blocks, col_index_blocks))
     # (num_col_blocks, k, bc) -> (k, C)
-    return col_totals + jnp.moveaxis(col_parts, 0, 1).reshape(kinds, -1), row_totals
+    return col_totals + jnp.moveaxis(col_parts, 0, 1).reshape(num_kinds, -1), row_totals
 
   col_totals, row_parts = lax.scan(
-      over_row_blocks, jnp.zeros((kinds, cols.shape[0]), jnp.int32),
-      (jnp.arange(row_blocks.shape[0]), row_blocks, row_gold_blocks))
-  row_counts = jnp.moveaxis(row_parts, 0, 1).reshape(kinds, -1)  # (k, R)
+      over_row_blocks, jnp.zeros((num_kinds, cols.shape[0]), jnp.int32),
+      (jnp.arange(row_blocks.shape[0]), row_blocks, row_gold_blocks, row_index_blocks))
+  row_counts = jnp.moveaxis(row_parts, 0, 1).reshape(num_kinds, -1)  # (k, R)
   return row_counts, col_totals
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_walk(mesh: Mesh, block_rows: int, block_cols: int, count_rows: bool,
-                   count_cols: bool, count_ties: bool, skip_diagonal: bool):
+                   count_cols: bool, kinds: tuple[str, ...], skip_diagonal: bool):
   """The tile walk spread over `mesh`: rows split over 'data', columns replicated."""
 
-  def per_device(rows, cols, row_gold, col_gold, first_row_block, first_col_block):
+  def per_device(rows, cols, row_gold, col_gold, row_gold_index, col_gold_index,
+                 first_row_block, first_col_block, threshold):
     local_blocks = rows.shape[0] // block_rows
     row_counts, col_counts = _tile_walk(
-        rows, cols, row_gold, col_gold,
-        first_row_block + lax.axis_index(AXIS) * local_blocks, first_col_block,
+        rows, cols, row_gold, col_gold, row_gold_index, col_gold_index,
+        first_row_block + lax.axis_index(AXIS) * local_blocks, first_col_block, threshold,
         block_rows=block_rows, block_cols=block_cols, count_rows=count_rows,
-        count_cols=count_cols, count_ties=count_ties, skip_diagonal=skip_diagonal)
+        count_cols=count_cols, kinds=kinds, skip_diagonal=skip_diagonal)
     # Every device saw all columns against its own rows: sum the column counts, and gather the
     # row counts so the result is replicated and every process can read it.
     return (lax.all_gather(row_counts, AXIS, axis=1, tiled=True),
@@ -279,37 +342,44 @@ def _compiled_walk(mesh: Mesh, block_rows: int, block_cols: int, count_rows: boo
 
   sharded = jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(AXIS, None), P(None, None), P(AXIS), P(None), P(), P()),
+      in_specs=(P(AXIS, None), P(None, None), P(AXIS), P(None), P(AXIS), P(None), P(), P(),
+                P()),
       out_specs=(P(), P()), check_vma=False)
   return jax.jit(sharded)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_pair_scores(mesh: Mesh, count_kinds: int):
+def _compiled_pair_scores(mesh: Mesh, kinds: tuple[str, ...]):
   """Scores of gold pairs, packed on the diagonals of tiles shaped like the walk's tiles.
 
-  With count_kinds > 0 the tiles are the walk's diagonal tiles of the plain paired protocol
-  (row i's gold is column i), and each tile is also counted against its own diagonal:
-  (above[, ties]) per row and per column, so the walk can skip it.
+  With `kinds` the tiles are the walk's diagonal tiles of the plain paired protocol (row i's
+  gold is column i), and each tile is also counted against its own diagonal, one row per kind,
+  per row and per column, so the walk can skip it. Row and column p of such a tile are the
+  same item, so local positions order candidates as global indices do.
   """
 
-  def per_device(row_tiles, col_tiles):
+  def per_device(row_tiles, col_tiles, threshold):
     # row_tiles (t, br, d), col_tiles (t, bc, d): pair p of tile t is row p against column p.
     def one_tile(_, tile):
       row_tile, col_tile = tile
       scores = _dot_tile(row_tile, col_tile)  # (br, d) @ (d, bc) -> (br, bc)
       size = min(scores.shape)
       diagonal = jnp.diagonal(scores[:size, :size])
-      if not count_kinds:
+      if not kinds:
         return None, (diagonal,)
-      count_ties = count_kinds == 2
-      return None, (diagonal, _tile_counts(scores, diagonal[:, None], 1, count_ties),
-                    _tile_counts(scores, diagonal[None, :], 0, count_ties))
+      position = jnp.arange(size)
+      return None, (diagonal,
+                    _tile_counts(scores, diagonal[:, None], 1, kinds,
+                                 gold_index=position[:, None], candidate_index=position[None, :],
+                                 threshold=threshold),
+                    _tile_counts(scores, diagonal[None, :], 0, kinds,
+                                 gold_index=position[None, :], candidate_index=position[:, None],
+                                 threshold=threshold))
     _, outputs = lax.scan(one_tile, None, (row_tiles, col_tiles))
     return tuple(lax.all_gather(output, AXIS, axis=0, tiled=True) for output in outputs)
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(),
-                          check_vma=False)
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
+                          out_specs=P(), check_vma=False)
   return jax.jit(sharded)
 
 
@@ -352,14 +422,15 @@ def gold_pairs(speech_keys: np.ndarray, text_keys: np.ndarray) -> tuple[np.ndarr
 
 def pair_scores(zspeech: np.ndarray, ztext: np.ndarray, pair_speech: np.ndarray,
                 pair_text: np.ndarray, *, mesh: Mesh, tile_rows: int, tile_cols: int,
-                tiles_per_device: int = 8, count_kinds: int = 0
+                tiles_per_device: int = 8, kinds: tuple[str, ...] = (),
+                threshold: float = 0.0
                 ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
   """Scores zspeech[pair_speech] . ztext[pair_text], rounded exactly like the walk's.
 
   tile_rows x tile_cols must be the walk's tile: the pairs sit on the diagonals of products of
   exactly that shape, so each score comes out of the same kernel as its competitors'.
-  Returns (num_pairs,) float32 scores and, with count_kinds (1: above, 2: above and ties) for
-  the plain paired protocol, (k, num_pairs) int counts of each pair's tile row and column.
+  Returns (num_pairs,) float32 scores and, with `kinds` (COUNT_KINDS) for the plain paired
+  protocol, (k, num_pairs) int counts of each pair's tile row and column.
   """
   per_tile = min(tile_rows, tile_cols)
   num_devices = _data_size(mesh)
@@ -367,10 +438,11 @@ def pair_scores(zspeech: np.ndarray, ztext: np.ndarray, pair_speech: np.ndarray,
   tiles_per_call = min(tiles_per_device, math.ceil(tiles_needed / num_devices)) * num_devices
   pairs_per_call = per_tile * tiles_per_call
   dim = zspeech.shape[1]
-  fn = _compiled_pair_scores(mesh, count_kinds)
+  fn = _compiled_pair_scores(mesh, kinds)
+  num_kinds = len(kinds)
   scores = np.empty(len(pair_speech), np.float32)
-  row_counts = np.zeros((count_kinds, len(pair_speech)), np.int64) if count_kinds else None
-  col_counts = np.zeros((count_kinds, len(pair_speech)), np.int64) if count_kinds else None
+  row_counts = np.zeros((num_kinds, len(pair_speech)), np.int64) if kinds else None
+  col_counts = np.zeros((num_kinds, len(pair_speech)), np.int64) if kinds else None
   for start in range(0, len(pair_speech), pairs_per_call):
     speech_index = pair_speech[start:start + pairs_per_call]
     text_index = pair_text[start:start + pairs_per_call]
@@ -382,30 +454,58 @@ def pair_scores(zspeech: np.ndarray, ztext: np.ndarray, pair_speech: np.ndarray,
     slot_of = np.arange(count) % per_tile
     row_tiles[tile_of, slot_of] = zspeech[speech_index]
     col_tiles[tile_of, slot_of] = ztext[text_index]
-    outputs = fn(_put(row_tiles, mesh, P(AXIS)), _put(col_tiles, mesh, P(AXIS)))
+    outputs = fn(_put(row_tiles, mesh, P(AXIS)), _put(col_tiles, mesh, P(AXIS)),
+                 np.float32(threshold))
     scores[start:start + count] = np.asarray(outputs[0]).reshape(-1)[:count]
-    if count_kinds:
+    if kinds:
       # (t, k, tile) -> (k, t * tile), the pair order.
       row_counts[:, start:start + count] = np.moveaxis(
-          np.asarray(outputs[1]), 1, 0).reshape(count_kinds, -1)[:, :count]
+          np.asarray(outputs[1]), 1, 0).reshape(num_kinds, -1)[:, :count]
       col_counts[:, start:start + count] = np.moveaxis(
-          np.asarray(outputs[2]), 1, 0).reshape(count_kinds, -1)[:, :count]
+          np.asarray(outputs[2]), 1, 0).reshape(num_kinds, -1)[:, :count]
   return scores, row_counts, col_counts
 
 
-def _gold_from_pairs(num_items: int, pair_item: np.ndarray, scores: np.ndarray):
-  """Best pair score per item (NaN where none) and how many of its pairs reach it."""
+@dataclasses.dataclass(frozen=True)
+class _PairGold:
+  """What the gold pairs say about each item of one side."""
+
+  score: np.ndarray  # (n,) float32 best pair score, NaN where the item has no pair.
+  reaching: np.ndarray  # (n,) int64 pairs reaching that score.
+  first_index: np.ndarray  # (n,) int32 lowest other-side index among those pairs.
+  members: np.ndarray  # (n,) int64 pairs of the item.
+  at_threshold: np.ndarray  # (n,) int64 pairs scoring at least the threshold.
+
+
+def _gold_from_pairs(num_items: int, pair_item: np.ndarray, pair_other: np.ndarray,
+                     scores: np.ndarray, threshold: float) -> _PairGold:
   gold = np.full(num_items, -np.inf, np.float32)
   np.maximum.at(gold, pair_item, scores)
+  reaches = scores == gold[pair_item]
   reaching = np.zeros(num_items, np.int64)
-  np.add.at(reaching, pair_item, scores == gold[pair_item])
+  np.add.at(reaching, pair_item, reaches)
+  # Items without pairs keep a first index past every candidate: nothing ties before it.
+  first_index = np.full(num_items, np.iinfo(np.int32).max, np.int64)
+  np.minimum.at(first_index, pair_item[reaches], pair_other[reaches])
+  members = np.bincount(pair_item, minlength=num_items).astype(np.int64)
+  at_threshold = np.zeros(num_items, np.int64)
+  np.add.at(at_threshold, pair_item, scores >= threshold)
   gold[reaching == 0] = np.nan
-  return gold, reaching
+  return _PairGold(score=gold, reaching=reaching, first_index=first_index.astype(np.int32),
+                   members=members, at_threshold=at_threshold)
+
+
+def count_kinds(*, ties: bool = True, ties_before: bool = False,
+                threshold: Optional[float] = None) -> tuple[str, ...]:
+  """The COUNT_KINDS a scoring call needs; 'above' always."""
+  return (("above",) + (("ties",) if ties else ()) + (("ties_before",) if ties_before else ())
+          + (("at_threshold",) if threshold is not None else ()))
 
 
 def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndarray,
                     text_keys: np.ndarray, *, speech_to_text: bool = True,
                     text_to_speech: bool = True, count_ties: bool = True,
+                    count_ties_before: bool = False, threshold: Optional[float] = None,
                     mesh: Optional[Mesh] = None, blocking: Optional[Blocking] = None,
                     progress: Optional[ProgressFn] = None
                     ) -> tuple[Optional[GoldCounts], Optional[GoldCounts]]:
@@ -416,7 +516,10 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
     ztext: (C, d) float32 text embeddings (the candidates of speech queries).
     speech_keys: (R,) integer keys; text_keys: (C,) keys. Equal keys mark gold pairs.
     speech_to_text / text_to_speech: which directions to count.
-    count_ties: also count exact ties with the gold score (needed for tie skipping).
+    count_ties: also count exact ties with the gold score (tie skipping, tie-aware ranks).
+    count_ties_before: also count the ties at a lower index than the first gold candidate
+      reaching the gold score (the authors' argmax rule).
+    threshold: also count candidates scoring at least this (thresholded decisions).
     mesh: devices to spread the rows over; defaults to every device.
     blocking: tile and chunk sizes; defaults to `default_blocking()`.
     progress: called with a one-line status after each resident chunk.
@@ -430,9 +533,14 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
     raise ValueError(f"need (R, d) speech and (C, d) text, got {zspeech.shape} and {ztext.shape}")
   if len(speech_keys) != len(zspeech) or len(text_keys) != len(ztext):
     raise ValueError("one key per speech row and per text row is needed")
+  if max(len(zspeech), len(ztext)) >= np.iinfo(np.int32).max // 2:
+    raise ValueError("candidate indices must fit in int32")
   mesh = mesh or default_mesh()
   blocking = blocking or default_blocking()
   num_speech, num_text = len(zspeech), len(ztext)
+  kinds = count_kinds(ties=count_ties, ties_before=count_ties_before, threshold=threshold)
+  slot = {kind: index for index, kind in enumerate(kinds)}
+  cutoff = np.float32(0.0 if threshold is None else threshold)
 
   num_devices = _data_size(mesh)
   # Rows are split over the devices, so each device's share is what the tiles must cover.
@@ -448,7 +556,6 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
                                                     blocking.chunk_cols, blocking.align,
                                                     tile=same_tile)
 
-  kinds = 2 if count_ties else 1
   pair_speech, pair_text = gold_pairs(speech_keys, text_keys)
   # The plain paired protocol (gold of row i is column i) packs its gold pairs exactly into
   # the walk's diagonal tiles: count those tiles in the pair pass and skip them in the walk,
@@ -459,22 +566,26 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
   scores, diagonal_row_counts, diagonal_col_counts = pair_scores(
       zspeech, ztext, pair_speech, pair_text, mesh=mesh, tile_rows=tile_rows,
       tile_cols=tile_cols, tiles_per_device=blocking.pair_batch,
-      count_kinds=kinds if diagonal else 0)
-  speech_gold, speech_reaching = _gold_from_pairs(num_speech, pair_speech, scores)
-  text_gold, text_reaching = _gold_from_pairs(num_text, pair_text, scores)
+      kinds=kinds if diagonal else (), threshold=cutoff)
+  speech_gold = _gold_from_pairs(num_speech, pair_speech, pair_text, scores, cutoff)
+  text_gold = _gold_from_pairs(num_text, pair_text, pair_speech, scores, cutoff)
 
-  walk = _compiled_walk(mesh, tile_rows, tile_cols, speech_to_text, text_to_speech, count_ties,
+  walk = _compiled_walk(mesh, tile_rows, tile_cols, speech_to_text, text_to_speech, kinds,
                         diagonal)
-  # Non-queries get +inf: nothing scores above or equal to it, so they add no counts.
-  speech_threshold = np.where(np.isnan(speech_gold), np.inf, speech_gold).astype(np.float32)
-  text_threshold = np.where(np.isnan(text_gold), np.inf, text_gold).astype(np.float32)
-  speech_counts = diagonal_row_counts if diagonal else np.zeros((kinds, num_speech), np.int64)
-  text_counts = diagonal_col_counts if diagonal else np.zeros((kinds, num_text), np.int64)
+  # Non-queries get +inf: nothing scores above or equal to it, so they add no counts but
+  # 'at_threshold' ones, which `finish` drops.
+  speech_threshold = np.where(np.isnan(speech_gold.score), np.inf,
+                              speech_gold.score).astype(np.float32)
+  text_threshold = np.where(np.isnan(text_gold.score), np.inf, text_gold.score).astype(np.float32)
+  speech_counts = (diagonal_row_counts if diagonal
+                   else np.zeros((len(kinds), num_speech), np.int64))
+  text_counts = diagonal_col_counts if diagonal else np.zeros((len(kinds), num_text), np.int64)
 
   def col_chunk(index):
     start = index * chunk_cols
     return (_put(_padded(ztext, start, chunk_cols), mesh, P(None, None)),
-            _put(_padded(text_threshold, start, chunk_cols, np.inf), mesh, P(None)))
+            _put(_padded(text_threshold, start, chunk_cols, np.inf), mesh, P(None)),
+            _put(_padded(text_gold.first_index, start, chunk_cols, 0), mesh, P(None)))
 
   resident_cols = col_chunk(0) if num_col_chunks == 1 else None
   started = time.perf_counter()
@@ -482,13 +593,16 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
     row_start = row_index * chunk_rows
     rows = _put(_padded(zspeech, row_start, chunk_rows), mesh, P(AXIS, None))
     row_gold = _put(_padded(speech_threshold, row_start, chunk_rows, np.inf), mesh, P(AXIS))
+    row_gold_index = _put(_padded(speech_gold.first_index, row_start, chunk_rows, 0), mesh,
+                          P(AXIS))
     num_rows = max(0, min(chunk_rows, num_speech - row_start))
     for col_index in range(num_col_chunks):
-      cols, col_gold = resident_cols or col_chunk(col_index)
+      cols, col_gold, col_gold_index = resident_cols or col_chunk(col_index)
       col_start = col_index * chunk_cols
       num_cols = max(0, min(chunk_cols, num_text - col_start))
-      row_part, col_part = walk(rows, cols, row_gold, col_gold,
-                                np.int32(row_start // tile_rows), np.int32(col_start // tile_cols))
+      row_part, col_part = walk(rows, cols, row_gold, col_gold, row_gold_index, col_gold_index,
+                                np.int32(row_start // tile_rows), np.int32(col_start // tile_cols),
+                                cutoff)
       if speech_to_text:
         speech_counts[:, row_start:row_start + num_rows] += np.asarray(row_part)[:, :num_rows]
       if text_to_speech:
@@ -500,33 +614,44 @@ def score_both_ways(zspeech: np.ndarray, ztext: np.ndarray, speech_keys: np.ndar
                f"against {num_text} texts ({100 * done:.0f}%, {elapsed:.1f} s, "
                f"~{elapsed / done - elapsed:.0f} s left)")
 
-  # Zero rows padded onto the last chunks score exactly 0 against everything.
+  # Zero rows padded onto the last chunks score exactly 0 against everything (and sit at
+  # indices past every real one, so they never tie before a gold candidate).
   padded_speech = num_row_chunks * chunk_rows - num_speech
   padded_text = num_col_chunks * chunk_cols - num_text
 
-  def finish(counts, gold, reaching, padded):
-    above = counts[0] - padded * (gold < 0)
-    if count_ties:
-      # Raw ties include the gold-set members that reach the gold score.
-      ties = counts[1] - padded * (gold == 0) - reaching
-    else:
-      ties = np.zeros_like(above)
-    is_query = ~np.isnan(gold)
-    return GoldCounts(gold_score=gold, above=np.where(is_query, above, 0),
-                      ties=np.where(is_query, ties, 0))
+  def finish(counts, gold: _PairGold, padded: int, num_candidates: int):
+    is_query = ~np.isnan(gold.score)
 
-  return (finish(speech_counts, speech_gold, speech_reaching, padded_text)
-          if speech_to_text else None,
-          finish(text_counts, text_gold, text_reaching, padded_speech)
-          if text_to_speech else None)
+    def only_queries(values):
+      return np.where(is_query, values, 0)
+
+    above = counts[slot["above"]] - padded * (gold.score < 0)
+    ties = np.zeros_like(above)
+    if "ties" in slot:
+      # Raw ties include the gold-set members that reach the gold score.
+      ties = counts[slot["ties"]] - padded * (gold.score == 0) - gold.reaching
+    extra = {}
+    if "ties_before" in slot:
+      extra["ties_before"] = only_queries(counts[slot["ties_before"]])
+    if "at_threshold" in slot:
+      extra["at_threshold"] = only_queries(counts[slot["at_threshold"]] -
+                                           padded * (0.0 >= cutoff) - gold.at_threshold)
+      extra["gold_at_threshold"] = only_queries(gold.at_threshold)
+    return GoldCounts(gold_score=gold.score, above=only_queries(above), ties=only_queries(ties),
+                      gold_members=only_queries(gold.members),
+                      num_candidates=np.full(len(above), num_candidates, np.int64), **extra)
+
+  return (finish(speech_counts, speech_gold, padded_text, num_text) if speech_to_text else None,
+          finish(text_counts, text_gold, padded_speech, num_speech) if text_to_speech else None)
 
 
 def sample_candidates(query_keys: np.ndarray, candidate_keys: np.ndarray, num_candidates: int,
                       seed: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """The soft protocol's candidate lists: one gold candidate plus random others per query.
+  """The soft protocol's candidate lists: random others plus one gold candidate per query.
 
-  Each query's first candidate is the first pool item sharing its key; the other
-  num_candidates - 1 are drawn uniformly without replacement from the rest of the pool.
+  num_candidates - 1 others are drawn uniformly without replacement from the pool without the
+  query's gold candidate (the first pool item sharing its key), which comes last, as in the
+  authors' lists: under their argmax rule a tie with the gold candidate is then a miss.
   Returns (queries (q,) indices of items that have a gold candidate, candidates (q, K)).
   """
   query_keys = np.asarray(query_keys)
@@ -544,10 +669,10 @@ def sample_candidates(query_keys: np.ndarray, candidate_keys: np.ndarray, num_ca
   gold = order[position[queries]]
   rng = np.random.default_rng(seed)
   candidates = np.empty((len(queries), num_candidates), np.int64)
-  candidates[:, 0] = gold
+  candidates[:, -1] = gold
   for row, gold_index in enumerate(gold):
     others = rng.choice(pool - 1, num_candidates - 1, replace=False)
-    candidates[row, 1:] = others + (others >= gold_index)  # Skip over the gold index.
+    candidates[row, :-1] = others + (others >= gold_index)  # Skip over the gold index.
   return queries, candidates
 
 
@@ -568,13 +693,19 @@ def _compiled_listed_scores(mesh: Mesh):
 
 def score_listed(zquery: np.ndarray, zcandidate: np.ndarray, query_keys: np.ndarray,
                  candidate_keys: np.ndarray, candidate_lists: np.ndarray, queries: np.ndarray,
-                 *, mesh: Optional[Mesh] = None, chunk_bytes: int = 64 << 20) -> GoldCounts:
+                 *, mesh: Optional[Mesh] = None, chunk_bytes: int = 64 << 20,
+                 threshold: Optional[float] = None) -> GoldCounts:
   """Gold counts of queries ranked only among their own candidate lists (soft protocol).
+
+  A candidate's index is its position in the query's list, so 'ties_before' counts the
+  non-gold candidates listed before the first gold candidate reaching the gold score.
 
   Args:
     zquery: (n, d) query embeddings; zcandidate: (m, d) candidate pool.
     query_keys, candidate_keys: keys; a listed candidate with the query's key is gold.
     candidate_lists: (q, K) pool indices per scored query; queries: (q,) their item indices.
+      Every list must hold at least one gold candidate.
+    threshold: also count candidates scoring at least this.
   Returns:
     GoldCounts over all n items; items not in `queries` are marked as no query.
   """
@@ -585,9 +716,11 @@ def score_listed(zquery: np.ndarray, zcandidate: np.ndarray, query_keys: np.ndar
   per_call = max(num_devices, (chunk_bytes // (num_candidates * dim * 4)) // num_devices *
                  num_devices)
   fn = _compiled_listed_scores(mesh)
-  gold = np.full(len(zquery), np.nan, np.float32)
-  above = np.zeros(len(zquery), np.int64)
-  ties = np.zeros(len(zquery), np.int64)
+  size = len(zquery)
+  gold = np.full(size, np.nan, np.float32)
+  counts = {name: np.zeros(size, np.int64)
+            for name in ("above", "ties", "ties_before", "at_threshold", "gold_at_threshold",
+                         "gold_members", "num_candidates")}
   for start in range(0, num_lists, per_call):
     lists = candidate_lists[start:start + per_call]
     items = queries[start:start + per_call]
@@ -599,9 +732,21 @@ def score_listed(zquery: np.ndarray, zcandidate: np.ndarray, query_keys: np.ndar
     scores = np.asarray(fn(_put(query_block, mesh, P(AXIS)),
                            _put(candidate_block, mesh, P(AXIS))))[:count]
     in_gold = candidate_keys[lists] == query_keys[items][:, None]  # (q, K)
-    best = np.max(np.where(in_gold, scores, -np.inf), axis=1)
+    best = np.max(np.where(in_gold, scores, -np.inf), axis=1)[:, None]
     others = ~in_gold
-    gold[items] = best
-    above[items] = np.sum(others & (scores > best[:, None]), axis=1)
-    ties[items] = np.sum(others & (scores == best[:, None]), axis=1)
-  return GoldCounts(gold_score=gold, above=above, ties=ties)
+    # Position of the first gold candidate reaching the best gold score.
+    first_gold = np.argmax(in_gold & (scores == best), axis=1)[:, None]
+    before = np.arange(num_candidates)[None, :] < first_gold
+    gold[items] = best[:, 0]
+    counts["above"][items] = np.sum(others & (scores > best), axis=1)
+    counts["ties"][items] = np.sum(others & (scores == best), axis=1)
+    counts["ties_before"][items] = np.sum(others & (scores == best) & before, axis=1)
+    counts["gold_members"][items] = np.sum(in_gold, axis=1)
+    counts["num_candidates"][items] = num_candidates
+    if threshold is not None:
+      decided = scores >= np.float32(threshold)
+      counts["at_threshold"][items] = np.sum(others & decided, axis=1)
+      counts["gold_at_threshold"][items] = np.sum(in_gold & decided, axis=1)
+  if threshold is None:
+    counts["at_threshold"] = counts["gold_at_threshold"] = None
+  return GoldCounts(gold_score=gold, **counts)

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clasp_jax.common.config_args import ConfigError
 from clasp_jax.common.workdir import upgrade_config
@@ -27,7 +27,7 @@ from clasp_jax.evaluators import get_evaluator_class
 from clasp_jax.models import precision
 from clasp_jax.models import clasp
 from clasp_jax.models.fusion import FUSIONS, MODES
-from clasp_jax.trainer import optim, state as state_lib, steps
+from clasp_jax.trainer import init_from, optim, state as state_lib, steps
 from clasp_jax.trainer.checkpointing import Checkpointer, abstract_like
 from clasp_jax.trainer.early_stopping import EarlyStopping
 from clasp_jax.trainer.losses import LOSSES
@@ -125,6 +125,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  mode=config.early_stopping.mode)
   last_eval: dict[str, float] = {}
   latest = checkpointer.latest_step()
+  if latest is None and config.get("init_from", ""):
+    # A new stage of a chain of runs: the weights of another workdir, a fresh optimizer.
+    params, batch_stats, from_step = init_from.load_variables(
+        config.init_from, jax.device_get(state.params), jax.device_get(state.batch_stats))
+    replicated = NamedSharding(mesh, P())
+    state = state.replace(params=jax.device_put(params, replicated),
+                          batch_stats=jax.device_put(batch_stats, replicated))
+    logging.info("initialised from %s (step %d) with a fresh optimizer", config.init_from,
+                 from_step)
   if latest is not None:
     state, record = checkpointer.restore(latest, abstract_like(state))
     early_stopping = EarlyStopping.from_json(record["early_stopping"])

@@ -177,10 +177,21 @@ def test_fleurs_official_splits_language_filter_and_leak_removal(fleurs_release,
   records = [r for rs in by_split.values() for r in rs]
   assert {(r["language"], r["category"], r["source"]) for r in records} == {
       ("en", "fleurs", "fleurs")}
-  assert 'Training sentence 3, read "aloud".' in {r["text"] for r in by_split["train"]}
+  # The normalised transcription column, as the authors embedded it.
+  assert 'training sentence 3, read "aloud".' in {r["text"] for r in by_split["train"]}
   assert all(len(r["audio"]) == int(0.4 * 16000) for r in records)
   skipped = reader.read_metadata(dataset_dir)["bad_input"]["skipped"]
   assert skipped["shared_sentence"] == 2 and sum(skipped.values()) == 2
+
+
+def test_fleurs_raw_transcription_on_request(fleurs_release, tmp_path):
+  root, _ = fleurs_release
+  dataset_dir = build_kind(tmp_path, "fleurs", str(root), languages=["en_us"],
+                           fleurs_text="raw_transcription")
+  texts = {r["text"] for r in read_all(dataset_dir)["train"]}
+  assert 'Training sentence 3, read "aloud".' in texts
+  with pytest.raises(ValueError, match="text column must be one of"):
+    readers.read_source("fleurs", str(root), fleurs_text="normalized")
 
 
 def test_fleurs_unknown_language_is_a_clear_error(fleurs_release):
@@ -296,8 +307,30 @@ def test_manifest_jsonl_decodes_every_format_to_16k_mono(manifest_sources, tmp_p
     stored = record["audio"].astype(np.float32) / tfds_builder.INT16_SCALE
     assert len(stored) == len(expected)
     np.testing.assert_allclose(stored, expected, atol=1.0 / 32768)
+    # The peak before resampling is kept, so the stored clip normalises as the authors' did.
+    source, _ = soundfile.read(str(root / row["audio"]), dtype="float32", always_2d=True)
+    assert record["source_peak"] == pytest.approx(np.max(np.abs(source.mean(axis=1))))
+    np.testing.assert_allclose(
+        audio_io.peak_normalize(stored, source_peak=record["source_peak"]),
+        audio_io.load_audio(str(root / row["audio"]), peak_normalize=True),
+        atol=1.0 / 32768 / record["source_peak"])
   counts = reader.read_metadata(dataset_dir)["bad_input"]["converted"]
   assert counts == {"resampled": 3, "downmixed": 1}
+
+
+def test_datasets_built_before_source_peaks_stay_readable(manifest_sources, tmp_path):
+  root, _ = manifest_sources
+  dataset_dir = build_kind(tmp_path, "manifest", str(root / "recordings.jsonl"),
+                           name="recordings")
+  metadata_path = os.path.join(reader.find_dataset_dir(dataset_dir), "metadata.json")
+  with open(metadata_path) as f:
+    metadata = json.load(f)
+  del metadata["source_peak"]
+  with open(metadata_path, "w") as f:
+    json.dump(metadata, f)
+  split = reader.open_split(dataset_dir, "train")
+  assert split.source_peaks is None
+  assert all("source_peak" not in record for record in split.read(range(len(split))))
 
 
 def test_manifest_csv_without_split_gets_sentence_split(manifest_sources, tmp_path):

@@ -59,6 +59,25 @@ def test_config_keys_reach_the_protocol(embeddings):
   assert not any(name.startswith("by_language") for name in got)
 
 
+def test_tie_rule_threshold_and_candidate_keys(embeddings, tmp_path):
+  lists = np.stack([np.roll(np.arange(96), -query)[:6] for query in range(96)])  # Gold first.
+  path = tmp_path / "lists.txt"
+  path.write_text("\n".join(" ".join(map(str, row)) for row in lists))
+  config = ml_collections.ConfigDict(dict(type="retrieval", protocol="soft", ties="paper",
+                                          skip_ties=True, threshold=0.25,
+                                          candidates=str(path)))
+  evaluator = retrieval.Evaluator(config)
+  assert evaluator.protocol.ties == "paper" and evaluator.protocol.threshold == 0.25
+  got = dict(evaluator.score(embeddings))
+  want = protocols.evaluate(embeddings, evaluator.protocol, candidates=lists)
+  assert got == pytest.approx(want)
+  assert "text_to_speech/golden_accuracy" in got
+  with pytest.raises(protocols.InputError, match="ties must be one of"):
+    retrieval.Evaluator(ml_collections.ConfigDict({"ties": "coin"}))
+  with pytest.raises(protocols.InputError, match="protocol='soft'"):
+    retrieval.Evaluator(ml_collections.ConfigDict({"candidates": str(path)}))
+
+
 def test_bad_config_fails_at_construction():
   with pytest.raises(protocols.InputError, match="protocol must be one of"):
     retrieval.Evaluator(ml_collections.ConfigDict({"type": "retrieval", "protocol": "fuzzy"}))

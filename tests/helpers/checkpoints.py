@@ -137,7 +137,7 @@ def build_wav2vec2_ctc(folder):
   return model, feature_extractor, folder
 
 
-def build_hubert(folder, *, stable_layer_norm=True, seed=0):
+def build_hubert(folder, *, stable_layer_norm=True, seed=0, do_normalize=True):
   """A tiny bare HuBERT checkpoint (hubert-large-ls960-ft's layout by default: layer-norm
   conv extractor with bias, stable pre-LN) with a normalising feature-extractor config.
 
@@ -159,7 +159,7 @@ def build_hubert(folder, *, stable_layer_norm=True, seed=0):
         centre = 1.0 if name.endswith("weight") else 0.0
         tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3 + centre)
   model.save_pretrained(folder)
-  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True,
+  feature_extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=do_normalize,
                                                             return_attention_mask=True)
   feature_extractor.save_pretrained(folder)
   return model, feature_extractor, str(folder)

@@ -2,8 +2,13 @@
 
 Used as the reference in parity tests and benchmarks (needs the `torch` extra). Parameter
 names follow theirs (`audio_seq.N`, `image_seq.N`, `mix_seq.N`; gated: `text_seq`,
-`input_gate_text.0`, ...), so tests can map weights one to one.
+`input_gate_text.0`, ...), so tests can map weights one to one. `HubertLabseConcat` and
+`HubertLabseGating` carry the authors' class names, for whole-module checkpoints pickled as
+theirs were.
 """
+
+import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -53,3 +58,47 @@ class GatedFusion(nn.Module):
     x2 = self.input_gate_image(x2) * self.tanh_image(x2) + self.forget_gate_image(x2) * x2
     w = self.weight(torch.cat([x1, x2], dim=1))
     return w[:, :768] * x1 + w[:, 768:] * x2
+
+
+class HubertLabseConcat(ConcatFusion):
+  """The authors' name for the concat fusion encoder (their notebooks define it in __main__)."""
+
+  def __init__(self, in_features_text: int = 1024, in_features_image: int = 1000,
+               mode: str = "joint"):
+    super().__init__(in_features_text, in_features_image)
+    self.mode = mode
+
+
+class HubertLabseGating(GatedFusion):
+  """The authors' name for the gated fusion encoder."""
+
+  def __init__(self, in_features_text: int = 1024, in_features_image: int = 1000):
+    super().__init__(in_features_text, in_features_image)
+
+
+@contextlib.contextmanager
+def as_notebook_class(cls):
+  """Pickles `cls` as the authors' notebooks did: a class of __main__ under its own name."""
+  main = sys.modules["__main__"]
+  named = type(cls.__name__, (cls,), {"__module__": "__main__"})
+  setattr(main, cls.__name__, named)
+  try:
+    yield named
+  finally:
+    delattr(main, cls.__name__)
+
+
+def trained_like(module, seed=0):
+  """PyTorch's initial weights, and BatchNorm affine terms and running statistics moved away
+  from theirs, as training would have (so eval mode differs from an initial module)."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for submodule in module.modules():
+      if isinstance(submodule, nn.BatchNorm1d):
+        width = submodule.num_features
+        submodule.weight.copy_(1 + 0.2 * torch.randn(width))
+        submodule.bias.copy_(0.1 * torch.randn(width))
+        submodule.running_mean.copy_(0.1 * torch.randn(width))
+        submodule.running_var.copy_(0.5 + torch.rand(width))
+        submodule.num_batches_tracked.fill_(7)
+  return module

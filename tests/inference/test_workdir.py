@@ -57,3 +57,4 @@ def test_cli_rejects_a_folder_that_is_no_workdir(tmp_path):
        f"--output={tmp_path / 'm.json'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert process.returncode == 1
   assert "config.json is missing" in process.stderr and "Traceback" not in process.stderr
+

@@ -149,3 +149,51 @@ def test_dropout_is_active_in_training_only():
 def test_unknown_fusion_is_a_clear_error():
   with pytest.raises(ValueError, match="fusion must be one of"):
     _init("attention")
+
+
+@pytest.mark.parametrize("fusion,count", [("concat", 6_344_608), ("gated", 9_237_888)])
+def test_parameter_counts_are_the_authors(fusion, count):
+  """The authors' models (HuBERT 1024 + spectrogram 1000 inputs) have exactly these sizes."""
+  _, variables = _init(fusion)
+  assert _count(variables["params"]) == count
+  assert sum(p.numel() for p in _torch_model(fusion).parameters()) == count
+
+
+def test_per_branch_widths_build_the_wav2vec2_ablation():
+  """The authors' wav2vec2 ablation: 768-d input, speech branch 768 -> 700 -> 576 -> 768."""
+  model = FusionEncoder(speech_branch_hidden=(700, 576))
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 768)), jnp.zeros((2, SPECTROGRAM_DIM)),
+                         train=False)
+  speech = variables["params"]["speech_branch"]
+  assert speech["linear_0"]["kernel"].shape == (768, 700)
+  assert speech["linear_1"]["kernel"].shape == (700, 576)
+  assert variables["batch_stats"]["speech_branch"]["norm_0"]["mean"].shape == (700,)
+  assert variables["params"]["spectrogram_branch"]["linear_0"]["kernel"].shape == (1000, 768)
+  with pytest.raises(ValueError, match="two positive hidden widths"):
+    FusionEncoder(spectrogram_branch_hidden=(700,)).init(
+        jax.random.key(0), jnp.zeros((2, 768)), jnp.zeros((2, 10)), train=False)
+
+
+@pytest.mark.parametrize("mode", ["joint", "speech", "spectrogram"])
+def test_normalized_inputs_match_the_authors_f_normalize(mode):
+  """normalize_inputs is F.normalize of both inputs before the authors' module."""
+  _, variables = _init("concat")
+  torch_model = _torch_model("concat")
+  variables = _torch_to_flax(torch_model, variables, "concat")
+  torch_model.eval()
+  rng = np.random.default_rng(4)
+  speech = (5 * rng.standard_normal((BATCH, SPEECH_DIM))).astype(np.float32)
+  spectrogram = (30 * rng.standard_normal((BATCH, SPECTROGRAM_DIM))).astype(np.float32)
+  with torch.no_grad():
+    x1 = torch_model.audio_seq(torch.nn.functional.normalize(torch.from_numpy(speech)))
+    x2 = torch_model.image_seq(torch.nn.functional.normalize(torch.from_numpy(spectrogram)))
+    expected = {"speech": x1, "spectrogram": x2,
+                "joint": torch_model.mix_seq(torch.cat([x1, x2], dim=1))}[mode].numpy()
+  if mode != "joint":
+    branch = f"{mode}_branch"
+    variables = {kind: {branch: tree[branch]} for kind, tree in variables.items()}
+  model = FusionEncoder(mode=mode, normalize_inputs=True)
+  out = model.apply(variables, speech, spectrogram, train=False)
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+  raw = FusionEncoder(mode=mode).apply(variables, speech, spectrogram, train=False)
+  assert not np.allclose(raw, expected, atol=1e-3)

@@ -13,22 +13,27 @@ def one_device_mesh():
   return Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
 
-def brute_counts(zquery, zcandidate, query_keys, candidate_keys):
-  """(above, ties, is_query) per query over the full float64 matrix."""
+def brute_counts(zquery, zcandidate, query_keys, candidate_keys, threshold=1.0):
+  """(above, ties, ties_before, at_threshold, gold_at_threshold, is_query) per query over the
+  full float64 matrix; ties_before counts the non-gold ties at a lower index than the first
+  gold candidate reaching the gold score."""
   full = zquery.astype(np.float64) @ zcandidate.astype(np.float64).T  # (q, d) @ (d, c)
-  above, ties, is_query = [], [], []
+  rows = []
   for query in range(len(zquery)):
     gold = [c for c in range(len(zcandidate)) if candidate_keys[c] == query_keys[query]]
     if not gold:
-      above.append(0), ties.append(0), is_query.append(False)
+      rows.append((0, 0, 0, 0, 0, False))
       continue
     best = max(full[query, c] for c in gold)
-    others = [full[query, c] for c in range(len(zcandidate))
-              if candidate_keys[c] != query_keys[query]]
-    above.append(sum(1 for s in others if s > best))
-    ties.append(sum(1 for s in others if s == best))
-    is_query.append(True)
-  return np.array(above), np.array(ties), np.array(is_query)
+    first_gold = min(c for c in gold if full[query, c] == best)
+    others = [c for c in range(len(zcandidate)) if candidate_keys[c] != query_keys[query]]
+    rows.append((sum(1 for c in others if full[query, c] > best),
+                 sum(1 for c in others if full[query, c] == best),
+                 sum(1 for c in others if full[query, c] == best and c < first_gold),
+                 sum(1 for c in others if full[query, c] >= threshold),
+                 sum(1 for c in gold if full[query, c] >= threshold),
+                 True))
+  return tuple(np.array(column) for column in zip(*rows))
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +63,25 @@ def test_counts_match_brute_force(integer_pools, devices, blocking_name):
   zspeech, ztext, speech_keys, text_keys = integer_pools
   mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
   speech_counts, text_counts = scoring.score_both_ways(
-      zspeech, ztext, speech_keys, text_keys, mesh=mesh, blocking=BLOCKINGS[blocking_name])
+      zspeech, ztext, speech_keys, text_keys, count_ties_before=True, threshold=1.0, mesh=mesh,
+      blocking=BLOCKINGS[blocking_name])
   for counts, want in ((speech_counts, brute_counts(zspeech, ztext, speech_keys, text_keys)),
                        (text_counts, brute_counts(ztext, zspeech, text_keys, speech_keys))):
-    above, ties, is_query = want
+    above, ties, ties_before, at_threshold, gold_at_threshold, is_query = want
     np.testing.assert_array_equal(counts.is_query, is_query)
     np.testing.assert_array_equal(counts.above[is_query], above[is_query])
     np.testing.assert_array_equal(counts.ties[is_query], ties[is_query])
+    np.testing.assert_array_equal(counts.ties_before[is_query], ties_before[is_query])
+    np.testing.assert_array_equal(counts.at_threshold[is_query], at_threshold[is_query])
+    np.testing.assert_array_equal(counts.gold_at_threshold[is_query],
+                                  gold_at_threshold[is_query])
     np.testing.assert_array_equal(counts.ranks[is_query], 1 + above[is_query])
     np.testing.assert_array_equal(counts.tied_at_top, is_query & (above == 0) & (ties > 0))
+    np.testing.assert_array_equal(counts.tied_before_gold,
+                                  is_query & (above == 0) & (ties_before > 0))
+  # The pools are built so that every kind is exercised.
+  assert speech_counts.ties_before.any() and text_counts.ties_before.any()
+  assert (speech_counts.ties > speech_counts.ties_before).any()
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -76,21 +91,31 @@ def test_plain_pairs_count_the_diagonal_tiles_once(devices, count_ties):
   rng = np.random.default_rng(8)
   zspeech = rng.integers(-2, 3, (70, 6)).astype(np.float32)
   ztext = rng.integers(-2, 3, (70, 6)).astype(np.float32)
-  ztext[50] = ztext[2]  # Duplicates in different tiles and chunks.
+  ztext[50] = ztext[2]  # Duplicates in different tiles and chunks ...
   zspeech[9] = zspeech[61]
+  ztext[6] = ztext[5]  # ... and inside one tile, on both sides of the gold.
+  ztext[21] = ztext[22]
   keys = np.arange(70)
   mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
-  # Square tiles, several row and column chunks, padding.
+  # Square tiles, several row and column chunks, padding; a threshold at 0 counts the zero
+  # padding too, which must come off again.
   blocking = scoring.Blocking(block_rows=4, block_cols=4, chunk_rows=8, chunk_cols=12,
                               pair_batch=1)
   speech_counts, text_counts = scoring.score_both_ways(
-      zspeech, ztext, keys, keys, count_ties=count_ties, mesh=mesh, blocking=blocking)
-  for counts, want in ((speech_counts, brute_counts(zspeech, ztext, keys, keys)),
-                       (text_counts, brute_counts(ztext, zspeech, keys, keys))):
-    above, ties, _ = want
+      zspeech, ztext, keys, keys, count_ties=count_ties, count_ties_before=count_ties,
+      threshold=0.0, mesh=mesh, blocking=blocking)
+  for counts, want in ((speech_counts, brute_counts(zspeech, ztext, keys, keys, 0.0)),
+                       (text_counts, brute_counts(ztext, zspeech, keys, keys, 0.0))):
+    above, ties, ties_before, at_threshold, gold_at_threshold, _ = want
     np.testing.assert_array_equal(counts.above, above)
+    np.testing.assert_array_equal(counts.at_threshold, at_threshold)
+    np.testing.assert_array_equal(counts.gold_at_threshold, gold_at_threshold)
+    np.testing.assert_array_equal(counts.gold_members, np.ones(70))
+    np.testing.assert_array_equal(counts.num_candidates, np.full(70, 70))
     if count_ties:
       np.testing.assert_array_equal(counts.ties, ties)
+      np.testing.assert_array_equal(counts.ties_before, ties_before)
+  assert speech_counts.ties_before is None or speech_counts.ties_before.any()
 
 
 def test_one_direction_and_no_ties(integer_pools):
@@ -99,7 +124,7 @@ def test_one_direction_and_no_ties(integer_pools):
       zspeech, ztext, speech_keys, text_keys, text_to_speech=False, count_ties=False,
       mesh=one_device_mesh(), blocking=BLOCKINGS["small_tiles"])
   assert text_counts is None
-  above, _, is_query = brute_counts(zspeech, ztext, speech_keys, text_keys)
+  above, *_, is_query = brute_counts(zspeech, ztext, speech_keys, text_keys)
   np.testing.assert_array_equal(speech_counts.above[is_query], above[is_query])
   assert not speech_counts.ties.any()
 
@@ -169,7 +194,8 @@ def test_sampled_candidates_hold_the_gold_and_distinct_others():
   queries, lists = scoring.sample_candidates(query_keys, candidate_keys, 10, seed=[3, 0])
   np.testing.assert_array_equal(queries, np.arange(40))
   assert lists.shape == (40, 10)
-  np.testing.assert_array_equal(candidate_keys[lists[:, 0]], query_keys[:40])
+  # The gold candidate comes last, as in the authors' lists.
+  np.testing.assert_array_equal(candidate_keys[lists[:, -1]], query_keys[:40])
   for row in lists:
     assert len(set(row.tolist())) == 10
     assert row.min() >= 0 and row.max() < 60
@@ -179,7 +205,7 @@ def test_sampled_candidates_hold_the_gold_and_distinct_others():
   assert not np.array_equal(lists, other)
   # Every non-gold candidate is drawn: over many queries the whole pool shows up.
   _, many = scoring.sample_candidates(np.zeros(500, int), np.arange(60), 10, seed=0)
-  assert set(many[:, 1:].ravel().tolist()) == set(range(1, 60))
+  assert set(many[:, :-1].ravel().tolist()) == set(range(1, 60))
   with pytest.raises(ValueError, match="pool holds 60"):
     scoring.sample_candidates(query_keys, candidate_keys, 61, seed=0)
 
@@ -189,27 +215,42 @@ def test_listed_scores_match_brute_force(integer_pools, devices):
   zspeech, ztext, speech_keys, text_keys = integer_pools
   mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
   queries, lists = scoring.sample_candidates(speech_keys, text_keys, 12, seed=1)
+  # Put the gold candidate anywhere: list order is the candidate order of the argmax rule.
+  lists = np.asarray([np.roll(row, shift) for row, shift in zip(lists, np.arange(len(lists)))])
   counts = scoring.score_listed(zspeech, ztext, speech_keys, text_keys, lists, queries,
-                                mesh=mesh, chunk_bytes=4096)
+                                mesh=mesh, chunk_bytes=4096, threshold=1.0)
   full = zspeech.astype(np.float64) @ ztext.astype(np.float64).T  # (s, d) @ (d, t)
-  ranks, _ = reference.direction_ranks(
-      full, speech_keys, text_keys,
-      {int(q): row.tolist() for q, row in zip(queries, lists)})
+  listed = {int(q): row.tolist() for q, row in zip(queries, lists)}
+  ranks, _ = reference.direction_ranks(full, speech_keys, text_keys, listed)
+  outcomes, _ = reference.authors_direction(full, speech_keys, text_keys, listed)
+  records = reference.decision_records(full, speech_keys, text_keys, listed)
   assert set(np.flatnonzero(counts.is_query).tolist()) == set(ranks)
   for query, rank in ranks.items():
     assert counts.ranks[query] == rank
+    # The authors' argmax hits exactly when nothing is above and no tie is listed earlier.
+    hit, _ = outcomes[query]
+    assert hit == (counts.above[query] == 0 and counts.ties_before[query] == 0)
+    gold_score, truths, row = records[query]
+    assert counts.gold_score[query] == gold_score
+    assert counts.gold_members[query] == sum(truths)
+    assert counts.gold_at_threshold[query] == sum(t and s >= 1 for t, s in zip(truths, row))
+    assert counts.at_threshold[query] == sum(not t and s >= 1 for t, s in zip(truths, row))
+  assert counts.num_candidates[queries].tolist() == [12] * len(queries)
 
 
 def test_device_memory_grows_with_the_chunk_not_its_square():
   """The compiled walk's scratch memory is linear in the resident rows and columns."""
   mesh = one_device_mesh()
-  walk = scoring._compiled_walk(mesh, 64, 64, True, True, True, True)
+  walk = scoring._compiled_walk(mesh, 64, 64, True, True, scoring.COUNT_KINDS, True)
   temp = {}
   for size in (4096, 16384):
     vectors = jax.ShapeDtypeStruct((size, 32), np.float32)
     gold = jax.ShapeDtypeStruct((size,), np.float32)
+    gold_index = jax.ShapeDtypeStruct((size,), np.int32)
     block = jax.ShapeDtypeStruct((), np.int32)
-    compiled = walk.lower(vectors, vectors, gold, gold, block, block).compile()
+    threshold = jax.ShapeDtypeStruct((), np.float32)
+    compiled = walk.lower(vectors, vectors, gold, gold, gold_index, gold_index, block, block,
+                          threshold).compile()
     temp[size] = compiled.memory_analysis().temp_size_in_bytes
   assert temp[16384] < 100 * 16384 * 4  # The full matrix would be 16384 * 16384 * 4 bytes.
   assert temp[16384] < 6 * temp[4096]

@@ -5,6 +5,8 @@ Per language (e.g. `data/en_us/`): `train.tsv`, `dev.tsv`, `test.tsv` without a 
 audio archives `audio/{split}.tar.gz`, extracted in place to `audio/{split}/*.wav`. The
 official splits are kept (they are sentence-disjoint by design; the build enforces it).
 Several speakers read each sentence, so FLEURS ids repeat; example ids add the file name.
+The text is the normalised `transcription` column (lower case, no punctuation), the one the
+authors embedded, or `raw_transcription` on request (`TEXT_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from clasp_jax.data.sources.source import SourceExample, canonical_split
 KIND = "fleurs"
 CATEGORY = "fleurs"
 RELEASE_SPLITS = ("train", "dev", "test")
+# Text columns and their position in a row; the first is the default (the authors' choice).
+TEXT_COLUMNS = {"transcription": 3, "raw_transcription": 2}
 
 
 def _has_split_tables(folder: str) -> bool:
@@ -46,8 +50,13 @@ def language_dirs(root: str, languages: Sequence[str] = ()) -> dict[str, str]:
   return found
 
 
-def read_examples(root: str | os.PathLike, languages: Sequence[str] = ()) -> list[SourceExample]:
-  """Reads every (or the given) language's split tables; text is the raw transcription."""
+def read_examples(root: str | os.PathLike, languages: Sequence[str] = (),
+                  text_column: str = "transcription") -> list[SourceExample]:
+  """Reads every (or the given) language's split tables; text from `text_column`."""
+  if text_column not in TEXT_COLUMNS:
+    raise ValueError(f"FLEURS text column must be one of {tuple(TEXT_COLUMNS)}, got "
+                     f"{text_column!r}")
+  column = TEXT_COLUMNS[text_column]
   csv.field_size_limit(sys.maxsize)
   examples = []
   for code, folder in language_dirs(os.fspath(root), languages).items():
@@ -59,17 +68,17 @@ def read_examples(root: str | os.PathLike, languages: Sequence[str] = ()) -> lis
       with open(table, encoding="utf-8", newline="") as stream:
         for line_number, row in enumerate(
             csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-          if len(row) < 3:
+          if len(row) <= column:
             raise ValueError(f"{table}:{line_number}: expected id, file_name, "
-                             f"raw_transcription, ... separated by tabs")
-          file_name, raw_text = row[1], row[2]
+                             f"raw_transcription, transcription, ... separated by tabs")
+          file_name, text = row[1], row[column]
           candidates = (os.path.join(folder, "audio", release_split, file_name),
                         os.path.join(folder, release_split, file_name))
           audio_path = next((p for p in candidates if os.path.isfile(p)), None)
           examples.append(SourceExample(
               id=f"{code}/{release_split}/{os.path.splitext(file_name)[0]}",
               audio_path=audio_path or index.resolve(file_name),
-              text=raw_text,
+              text=text,
               language=code.split("_")[0],
               category=CATEGORY,
               speaker="",  # FLEURS publishes gender, not speaker ids.

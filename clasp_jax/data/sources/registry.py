@@ -16,14 +16,15 @@ KINDS = (manifest.KIND, speech_brown.KIND, fleurs.KIND, common_voice.KIND)
 
 def read_source(kind: str, source: str, languages: Sequence[str] = (),
                 common_voice_splits: str = "official", default_language: str = "und",
-                default_category: str = "uncategorized") -> list[SourceExample]:
+                default_category: str = "uncategorized",
+                fleurs_text: str = "transcription") -> list[SourceExample]:
   """The utterances of a layout of the given kind."""
   if kind == manifest.KIND:
     return manifest.read_examples(source, default_language, default_category)
   if kind == speech_brown.KIND:
     return speech_brown.read_examples(source)
   if kind == fleurs.KIND:
-    return fleurs.read_examples(source, languages)
+    return fleurs.read_examples(source, languages, fleurs_text)
   if kind == common_voice.KIND:
     return common_voice.read_examples(source, languages, common_voice_splits)
   raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
