@@ -6,7 +6,7 @@ r"""Hard-protocol retrieval speed and memory, side by side with references measu
 Speed mode times, on the same random paired embeddings (with the paper's 355 duplicate texts
 planted): the bare float32 matrix product of the full N x N shape in NumPy and in JAX (the
 floor: any evaluation has to compute those scores), a NumPy vectorised reference (full matrix,
-then both directions' ranks), ours (`clasp_jax.scoring`, both directions in one blocked walk,
+then both directions' ranks), ours (`clasp_jax.retrieval.scoring`, both directions in one blocked walk,
 with and without the tie counts that tie skipping needs), and the original per-pair cosine
 loop timed on --loop_rows rows and extrapolated to N rows. It prints seconds and ratios and
 checks that our ranks equal the NumPy reference's.
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax import metrics as metrics_lib
-from clasp_jax import scoring
+from clasp_jax.retrieval import metrics as metrics_lib
+from clasp_jax.retrieval import scoring
 
 _MODE = flags.DEFINE_enum("mode", "speed", ("speed", "scale"), "What to measure.")
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 11411, "Speed mode: pairs (the paper's test set).")
@@ -259,6 +259,6 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  from clasp_jax.common import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_under_tcmalloc()
   app.run(main)

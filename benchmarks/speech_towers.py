@@ -65,7 +65,7 @@ def report(name: str, reference_name: str, medians: dict[str, float], target: fl
 
 def spectrogram_benchmark(repeats: int) -> float:
   import librosa  # pylint: disable=g-import-not-at-top
-  from clasp_jax import spectrogram  # pylint: disable=g-import-not-at-top
+  from clasp_jax.models import spectrogram  # pylint: disable=g-import-not-at-top
 
   sample_rate = 22_050
   clips = (0.1 * np.random.RandomState(0).randn(_CLIPS.value, int(_SECONDS.value * sample_rate))
@@ -91,14 +91,14 @@ def spectrogram_benchmark(repeats: int) -> float:
 def hubert_benchmark(repeats: int) -> float:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from clasp_jax import compilation  # pylint: disable=g-import-not-at-top
-  from clasp_jax.models import speech_checkpoint  # pylint: disable=g-import-not-at-top
+  from clasp_jax.models import compilation  # pylint: disable=g-import-not-at-top
+  from clasp_jax.models import wav2vec2_checkpoint  # pylint: disable=g-import-not-at-top
   from clasp_jax.models import wav2vec2  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
   torch_model = transformers.HubertModel(transformers.HubertConfig()).eval()
   config = wav2vec2.Config.from_hf_dict(torch_model.config.to_dict(), with_ctc_head=False)
-  params = speech_checkpoint.convert_state_dict(
+  params = wav2vec2_checkpoint.convert_state_dict(
       {name: tensor.numpy() for name, tensor in torch_model.state_dict().items()}, config)
   model = wav2vec2.Model(config)
   waveform = np.random.RandomState(0).randn(_HUBERT_BATCH.value, int(_SECONDS.value * 16_000)
@@ -107,7 +107,7 @@ def hubert_benchmark(repeats: int) -> float:
   def last_hidden_state(params, waveform):
     return model.apply({"params": params}, waveform)["last_hidden_state"]
 
-  # The same XLA options as the embed / transcribe CLIs (clasp_jax/compilation.py).
+  # The same XLA options as the embed / transcribe CLIs (clasp_jax/models/compilation.py).
   forward = compilation.jit_transformer_inference(last_hidden_state)
   plain_forward = jax.jit(last_hidden_state)
   torch_name = f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
@@ -143,6 +143,6 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  from clasp_jax.common import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_under_tcmalloc()
   app.run(main)

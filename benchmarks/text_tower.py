@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
   import torch
   from sentence_transformers import SentenceTransformer
 
-  from clasp_jax import text_tower
+  from clasp_jax.models import text_tower
 
   encoder = _ENCODER.value
   if encoder is None:
@@ -119,6 +119,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  from clasp_jax.common import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_under_tcmalloc()
   sys.exit(app.run(main))

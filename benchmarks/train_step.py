@@ -21,7 +21,7 @@ def jax_steps_per_second(batch: dict, steps: int) -> float:
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from clasp_jax import optim, steps as step_lib
+  from clasp_jax.trainer import optim, steps as step_lib
   from clasp_jax.data.feature_pipeline import to_global_batch
   from clasp_jax.models.clasp import model_from_config
   from configs import base
@@ -56,7 +56,7 @@ def torch_steps_per_second(batch: dict, steps: int) -> float:
   import torch
   import torch.nn.functional as F
 
-  from clasp_jax.torch_fusion import ConcatFusion
+  from tests.helpers.torch_fusion import ConcatFusion
 
   torch.manual_seed(0)
   model = ConcatFusion(batch["speech"].shape[1], batch["spectrogram"].shape[1]).train()
@@ -110,6 +110,6 @@ def main():
 if __name__ == "__main__":
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  from clasp_jax.common import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_under_tcmalloc()
   main()

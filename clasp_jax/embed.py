@@ -9,15 +9,15 @@ Each sub-command lives in its own module; `--help` after the sub-command lists i
 from __future__ import annotations
 
 if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
-  from clasp_jax import allocator
+  from clasp_jax.common import allocator
   allocator.reexec_under_tcmalloc()
 
 import importlib
 import sys
 
 SUBCOMMANDS = {
-    "speech": "clasp_jax.speech_embedding",
-    "text": "clasp_jax.text_embedding",
+    "speech": "clasp_jax.inference.speech_embedding",
+    "text": "clasp_jax.inference.text_embedding",
 }
 
 

@@ -25,7 +25,7 @@ values, plus `settings/...` entries that record the protocol. See docs/evaluatio
 from __future__ import annotations
 
 if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
-  from clasp_jax import allocator
+  from clasp_jax.common import allocator
   allocator.reexec_under_tcmalloc()
 
 import json
@@ -41,10 +41,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from clasp_jax import cli_flags
-from clasp_jax import protocols
-from clasp_jax import scoring
-from clasp_jax.config_args import ConfigError
+from clasp_jax.common import cli as cli_flags
+from clasp_jax.retrieval import evaluation as protocols
+from clasp_jax.retrieval import scoring
+from clasp_jax.common.config_args import ConfigError
 
 _EMBEDDINGS = flags.DEFINE_string(
     "embeddings", None, ".npz file with `speech` and `text` (N x d, row i of each a pair) and "
@@ -121,7 +121,7 @@ def load_embeddings(path: str) -> dict[str, np.ndarray]:
 
 
 def _embed_from_workdir() -> dict[str, np.ndarray]:
-  from clasp_jax import inference  # Model code is only needed in this mode.
+  from clasp_jax.inference import workdir as inference  # Model code is only needed in this mode.
   logging.info("embedding the %s split with the newest checkpoint of %s", _SPLIT.value,
                _WORKDIR.value)
   try:
@@ -134,15 +134,15 @@ def _embed_from_workdir() -> dict[str, np.ndarray]:
 
 
 def _embed_asr_cascade() -> dict[str, np.ndarray]:
-  from clasp_jax import asr_baseline  # Speech and text towers are only needed here.
+  from clasp_jax.inference import asr_baseline  # Speech and text towers are only needed here.
   from clasp_jax.data import reader
-  from clasp_jax.models import speech_checkpoint
+  from clasp_jax.models import wav2vec2_checkpoint
   try:
     split = reader.open_split(_DATA.value, _SPLIT.value)
     arrays, transcripts = asr_baseline.cascade_embeddings(
         split, speech_encoder=_SPEECH_ENCODER.value, text_encoder=_TEXT_ENCODER.value,
         progress=lambda line: logging.info("%s", line))
-  except (ValueError, OSError, speech_checkpoint.CheckpointError) as error:
+  except (ValueError, OSError, wav2vec2_checkpoint.CheckpointError) as error:
     raise protocols.InputError(str(error)) from error
   if _TRANSCRIPTS.value:
     with open(_TRANSCRIPTS.value, "w", encoding="utf-8") as f:

@@ -11,7 +11,7 @@ Running the same command again resumes from the newest checkpoint in --workdir; 
 from __future__ import annotations
 
 if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
-  from clasp_jax import allocator
+  from clasp_jax.common import allocator
   allocator.reexec_under_tcmalloc()
 
 import json
@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from clasp_jax import cli_flags
+from clasp_jax.common import cli as cli_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, optionally with an argument: configs/base.py:paper.",
@@ -61,7 +61,7 @@ def main(argv):
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
-  from clasp_jax import trainer  # Imported after initialize(): it touches jax.devices().
+  from clasp_jax.trainer import trainer  # Imported after initialize(): it touches jax.devices().
   config = _CONFIG.value or _config_from_workdir(_WORKDIR.value)
   try:
     trainer.train_and_evaluate(config, _WORKDIR.value)

@@ -11,7 +11,7 @@ PATH and audio handling are those of `python -m clasp_jax.embed speech`; HF_DIR 
 from __future__ import annotations
 
 if __name__ == "__main__":  # First: it may restart the process under tcmalloc (allocator.py).
-  from clasp_jax import allocator
+  from clasp_jax.common import allocator
   allocator.reexec_under_tcmalloc()
 
 import dataclasses
@@ -24,20 +24,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax import compilation
-from clasp_jax import ctc
-from clasp_jax import speech_embedding
-from clasp_jax.models import speech_checkpoint
+from clasp_jax.models import compilation
+from clasp_jax.inference import ctc
+from clasp_jax.inference import speech_embedding
+from clasp_jax.models import wav2vec2_checkpoint
 
 
-def require_ctc_head(checkpoint: speech_checkpoint.SpeechCheckpoint) -> None:
+def require_ctc_head(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint) -> None:
   if checkpoint.config.ctc_vocab_size is None:
-    raise speech_checkpoint.CheckpointError(
+    raise wav2vec2_checkpoint.CheckpointError(
         f"{checkpoint.path}: no CTC head (lm_head) in this checkpoint; transcription needs a "
         "*ForCTC checkpoint")
 
 
-def make_transcribe_forward(checkpoint: speech_checkpoint.SpeechCheckpoint,
+def make_transcribe_forward(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint,
                             vocabulary: ctc.CtcVocabulary):
   """A (batch, lengths) -> list of transcripts function around one jitted forward pass."""
   require_ctc_head(checkpoint)
@@ -64,13 +64,13 @@ class TranscriptionResult:
   failures: list[speech_embedding.ReadFailure]
 
 
-def transcribe(encoder: str | speech_checkpoint.SpeechCheckpoint, paths: Sequence[str], *,
+def transcribe(encoder: str | wav2vec2_checkpoint.SpeechCheckpoint, paths: Sequence[str], *,
                batch_size: int = 8, skip_bad: bool = False, peak_normalize: bool = True,
                dtype=jnp.float32, progress_stream=None) -> TranscriptionResult:
   """Python API of the CLI: greedy CTC transcripts of audio files, in input order."""
   checkpoint = encoder
-  if not isinstance(checkpoint, speech_checkpoint.SpeechCheckpoint):
-    checkpoint = speech_checkpoint.load(encoder, dtype=dtype)
+  if not isinstance(checkpoint, wav2vec2_checkpoint.SpeechCheckpoint):
+    checkpoint = wav2vec2_checkpoint.load(encoder, dtype=dtype)
   require_ctc_head(checkpoint)
   vocabulary = ctc.CtcVocabulary.from_folder(checkpoint.path)
   if checkpoint.config.ctc_vocab_size > len(vocabulary.tokens):
@@ -102,12 +102,12 @@ def run(argv: list[str]) -> int:
     return parsed
   try:
     paths = speech_embedding.list_audio_inputs(flag_values.input)
-    checkpoint = speech_checkpoint.load(flag_values.encoder,
+    checkpoint = wav2vec2_checkpoint.load(flag_values.encoder,
                                         dtype=speech_embedding.dtype_from_flag(flag_values.dtype),
                                         precision=flag_values.precision)
     result = transcribe(checkpoint, paths, batch_size=flag_values.batch_size,
                         skip_bad=flag_values.skip_bad, peak_normalize=flag_values.peak_normalize)
-  except (speech_embedding.InputListError, speech_checkpoint.CheckpointError, ValueError,
+  except (speech_embedding.InputListError, wav2vec2_checkpoint.CheckpointError, ValueError,
           OSError) as error:
     print(f"{program}: {error}", file=sys.stderr)
     return 1

@@ -23,7 +23,7 @@ Any field can be overridden: --config.batch_size=512 --config.loss.kind=sigmoid.
 
 import ml_collections
 
-from clasp_jax.config_args import parse_arg
+from clasp_jax.common.config_args import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 # Installs the system packages behind the offline speech corpus
 # (python -m clasp_jax.data.synthesize): espeak-ng speaks the sentences, Debian's fortunes
 # packages provide them in English, German, Spanish and Italian (Debian has no fortunes-fr).
-# libtcmalloc-minimal4: the commands run under tcmalloc when it is there (clasp_jax/allocator.py).
+# libtcmalloc-minimal4: the commands run under tcmalloc when it is there (clasp_jax/common/allocator.py).
 #
 # As root (and with apt-get) it installs them; otherwise it prints what to install and
 # exits 0, so a non-root set-up script can run it unconditionally.

@@ -28,3 +28,19 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="session")
+def ctc_encoder(tmp_path_factory):
+  """A tiny wav2vec2 CTC folder (model, feature extractor, folder); see helpers/checkpoints."""
+  pytest.importorskip("torch")
+  from tests.helpers import checkpoints
+  return checkpoints.build_wav2vec2_ctc(tmp_path_factory.mktemp("ctc_encoder"))
+
+
+@pytest.fixture(scope="session")
+def labse_like_dir(tmp_path_factory):
+  """A tiny LaBSE-shaped sentence-transformers folder (BERT, CLS pooling, Dense, Normalize)."""
+  pytest.importorskip("torch")
+  from tests.helpers import checkpoints
+  return checkpoints.build_labse_like(tmp_path_factory.mktemp("labse_like"))

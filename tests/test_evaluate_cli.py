@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from clasp_jax import evaluate
-from clasp_jax import protocols
-from clasp_jax import scoring
-import test_retrieval_reference as reference
+from clasp_jax.retrieval import evaluation as protocols
+from clasp_jax.retrieval import scoring
+from tests.helpers import retrieval_reference as reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

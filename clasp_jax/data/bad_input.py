@@ -19,7 +19,7 @@ from absl import logging
 import numpy as np
 import soundfile
 
-from clasp_jax import audio_io
+from clasp_jax.data import audio_io
 
 # Inputs that are skipped (or stop a strict build).
 MISSING = "missing"

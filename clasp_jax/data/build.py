@@ -22,9 +22,9 @@ from absl import flags
 from absl import logging
 
 from clasp_jax.data import bad_input
-from clasp_jax import cli_flags as cli
-from clasp_jax.data import common_voice
-from clasp_jax.data import readers
+from clasp_jax.common import cli
+from clasp_jax.data.sources import common_voice
+from clasp_jax.data.sources import registry as readers
 from clasp_jax.data import tfds_builder
 
 _KIND = flags.DEFINE_enum("kind", None, readers.KINDS, "Layout of --source.")

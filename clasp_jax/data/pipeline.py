@@ -24,9 +24,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from clasp_jax import audio_io
+from clasp_jax.data import audio_io
 from clasp_jax.data.sampling import EpochSampler
-from clasp_jax.data.samplers import FullPassSampler, LengthBucketedSampler
+from clasp_jax.data.sampling import FullPassSampler, LengthBucketedSampler
 from clasp_jax.data.tfds_builder import INT16_SCALE
 
 DATA_AXIS = "data"

@@ -24,12 +24,12 @@ from absl import logging
 import numpy as np
 import soundfile
 
-from clasp_jax import audio_io
+from clasp_jax.data import audio_io
 from clasp_jax.data import fortunes
-from clasp_jax.data import manifest
+from clasp_jax.data.sources import manifest
 from clasp_jax.data import splits
 from clasp_jax.data import tfds_builder
-from clasp_jax.data.source import SPLITS, SourceExample
+from clasp_jax.data.sources.source import SPLITS, SourceExample
 
 KIND = "synthetic"
 DATASET_NAME = "fortunes_espeak"

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from clasp_jax.data import bad_input
-from clasp_jax.data.source import SPLITS, SourceExample
+from clasp_jax.data.sources.source import SPLITS, SourceExample
 
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 # When a sentence sits in several official splits, it stays in the first of these.

@@ -24,7 +24,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from clasp_jax import cli_flags as cli
+from clasp_jax.common import cli
 from clasp_jax.data import fortunes
 from clasp_jax.data import speech_corpus
 

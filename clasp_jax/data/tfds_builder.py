@@ -25,10 +25,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
-from clasp_jax import audio_io
+from clasp_jax.data import audio_io
 from clasp_jax.data import bad_input
 from clasp_jax.data import splits
-from clasp_jax.data.source import SPLITS, SourceExample
+from clasp_jax.data.sources.source import SPLITS, SourceExample
 
 BUILDER_NAME = "clasp_speech_text"
 DATASET_VERSION = "1.0.0"

@@ -25,8 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from clasp_jax import protocols
-from clasp_jax import scoring
+from clasp_jax.retrieval import evaluation as protocols
+from clasp_jax.retrieval import scoring
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

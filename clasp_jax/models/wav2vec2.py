@@ -9,7 +9,7 @@ projection layer norm, so one Flax module serves both.
 
 Parameter names follow the Hugging Face module tree with `.` turned into `/` or `_`
 (`feature_extractor/conv_layers_0_conv`, `encoder/layers_3/attention/q_proj`, ...), so that
-`speech_checkpoint.load` maps every tensor by an explicit rule rather than a fuzzy match.
+`wav2vec2_checkpoint.load` maps every tensor by an explicit rule rather than a fuzzy match.
 
 Padded batches: `waveform_lengths` gives the valid samples per row. Frames whose receptive
 field reaches into the padding are masked out of attention and of mean pooling. The
@@ -74,7 +74,7 @@ class Config:
   # Present in checkpoints trained with SpecAugment (mask_time_prob or mask_feature_prob > 0).
   has_masked_spec_embed: bool = True
   # CTC head size; None for a bare encoder (`HubertModel` / `Wav2Vec2Model`). The CTC blank
-  # is the tokenizer's pad token (see clasp_jax.ctc), not a model setting.
+  # is the tokenizer's pad token (see clasp_jax.inference.ctc), not a model setting.
   ctc_vocab_size: int | None = None
 
   def __post_init__(self):
