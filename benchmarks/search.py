@@ -90,7 +90,7 @@ def main(argv):
   logging.getLogger("faiss").setLevel(logging.WARNING)
   import faiss  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  from clasp_jax.common import allocator  # pylint: disable=g-import-not-at-top
   from clasp_jax.retrieval import search_index  # pylint: disable=g-import-not-at-top
 
   num_rows, dim, num_queries, k = _NUM_ROWS.value, _DIM.value, _NUM_QUERIES.value, _K.value
@@ -174,6 +174,6 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from clasp_jax import allocator  # pylint: disable=g-import-not-at-top
+  from clasp_jax.common import allocator  # pylint: disable=g-import-not-at-top
   allocator.reexec_under_tcmalloc()
   app.run(main)

@@ -15,7 +15,7 @@ from clasp_jax.retrieval import search_index as si
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def integer_rows(rng, num, dim):
