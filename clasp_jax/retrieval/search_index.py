@@ -95,6 +95,22 @@ class Entry:
     return FileStat(self.path, self.size, self.mtime_ns)
 
 
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm")
+
+
+def find_audio_files(root: str | os.PathLike,
+                     extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[str]:
+  """Absolute paths of the audio files under `root`, sorted, so that a re-scan of an
+  unchanged archive lists the same files in the same order."""
+  extensions = tuple(extension.lower() for extension in extensions)
+  found = []
+  for folder, subfolders, names in os.walk(os.path.abspath(os.fspath(root))):
+    subfolders.sort()
+    found.extend(os.path.join(folder, name) for name in sorted(names)
+                 if name.lower().endswith(extensions) and not name.startswith("."))
+  return found
+
+
 def stat_files(paths: Iterable[str | os.PathLike]) -> list[FileStat]:
   """Absolute path, size and mtime of each file, first occurrence of a path only."""
   seen = set()

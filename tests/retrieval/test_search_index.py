@@ -253,6 +253,15 @@ def test_update_embeds_only_new_and_changed_files(tmp_path):
   assert len(index) == 0 and len(plan.removed) == 6 and index.dim == 8
 
 
+def test_find_audio_files(tmp_path):
+  for name in ("b/2.FLAC", "b/1.wav", "a.mp3", "notes.txt", ".hidden.wav", "c/d/e.ogg"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"x")
+  found = si.find_audio_files(tmp_path)
+  assert found == [str(tmp_path / name) for name in ("a.mp3", "b/1.wav", "b/2.FLAC",
+                                                     "c/d/e.ogg")]
+
+
 def test_float16_index_roundtrip_and_dtype_is_kept(tmp_path):
   paths = make_archive(tmp_path / "audio", 3)
   index, _ = si.update_index(tmp_path / "index", paths, RecordingEmbedder(), dtype="float16")
