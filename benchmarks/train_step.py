@@ -18,30 +18,25 @@ import numpy as np
 
 def jax_steps_per_second(batch: dict, steps: int) -> float:
   import jax
-  import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from clasp_jax.trainer import optim, steps as step_lib
-  from clasp_jax.data.feature_pipeline import to_global_batch
-  from clasp_jax.models.clasp import model_from_config
+  from clasp_jax.models import towers
+  from clasp_jax.trainer import optim, state as state_lib, steps as step_lib
   from configs import base
 
   config = base.get_config()
   config.optimizer.name, config.optimizer.grad_clip_norm = "adam", 0.0
   config.schedule.kind = "constant"
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  model = model_from_config(config.model, config.loss, axis_name="data")
-  variables = model.init(jax.random.key(0), {k: v[:2] for k, v in batch.items()}, train=False)
-  tx, _ = optim.make_optimizer(config, variables["params"], total_steps=steps, steps_per_epoch=1)
-  state = step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-      rng=jax.random.key_data(jax.random.key(1)), nonfinite_steps=jnp.zeros((), jnp.int32))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  model = towers.build(config, axis_name="data").model
+  state, tx, _ = state_lib.create_train_state(
+      model, {k: v[:2] for k, v in batch.items()}, seed=0, mesh=mesh, frozen_pattern="",
+      make_optimizer=lambda params: optim.make_optimizer(config, params, total_steps=steps,
+                                                         steps_per_epoch=1)[0])
   train_fn = step_lib.shard_over_mesh(
       functools.partial(step_lib.train_step, model=model, tx=tx, loss_kind="softmax"), mesh,
       donate_state=True)
-  global_batch = to_global_batch(batch, mesh)
+  global_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
   for _ in range(5):  # Compile and warm up.
     state, metrics = train_fn(state, global_batch)
   jax.block_until_ready(metrics)

@@ -8,7 +8,7 @@ r"""Retrieval evaluation of paired speech/text embeddings with the paper's proto
   python -m clasp_jax.evaluate --baseline=asr --data=DATASET_DIR --split=test \
       --speech_encoder=HF_CTC_DIR --text_encoder=SENTENCE_DIR --output=metrics.json [...]
 
-With --workdir, the newest checkpoint of a training run embeds the split of its own data
+With --workdir, a checkpoint of a training run (--checkpoint: best by default) embeds the split of its own data
 config (or of --features, a feature folder) and those embeddings are evaluated. With
 --baseline=asr, the paper's ASR cascade is evaluated on a built speech-text dataset
 (python -m clasp_jax.data.build): each clip is transcribed by greedy CTC decoding and the
@@ -51,9 +51,12 @@ _EMBEDDINGS = flags.DEFINE_string(
     "optional `category`, `language`, `source`, `text_id`, `query_text`, `query_language`, "
     "`query_text_id`.")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "A training workdir: embed --split with its newest checkpoint instead of "
+    "workdir", None, "A training workdir: embed --split with its --checkpoint instead of "
     "reading --embeddings.")
 _SPLIT = flags.DEFINE_string("split", "test", "With --workdir or --baseline: the split.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "With --workdir: 'best' (the step that scored best on the "
+    "early-stopping metric; the newest when no evaluation ran), 'latest', or a step number.")
 _FEATURES = flags.DEFINE_string(
     "features", "", "With --workdir: a feature folder to read --split from instead of the "
     "workdir config's data.")
@@ -120,16 +123,23 @@ def load_embeddings(path: str) -> dict[str, np.ndarray]:
                                "strings, e.g. np.asarray(labels, dtype=str))") from error
 
 
+# Facts learnt while embedding that the settings report (the checkpoint step chosen).
+_RUN_INFO: dict[str, object] = {}
+
+
 def _embed_from_workdir() -> dict[str, np.ndarray]:
   from clasp_jax.inference import workdir as inference  # Model code is only needed in this mode.
-  logging.info("embedding the %s split with the newest checkpoint of %s", _SPLIT.value,
-               _WORKDIR.value)
+  from clasp_jax.trainer.checkpointing import parse_checkpoint_choice
+  logging.info("embedding the %s split with the %s checkpoint of %s", _SPLIT.value,
+               _CHECKPOINT.value, _WORKDIR.value)
   try:
-    arrays, step = inference.embed_workdir_split(_WORKDIR.value, _SPLIT.value,
-                                                 features_dir=_FEATURES.value)
+    arrays, step = inference.embed_workdir_split(
+        _WORKDIR.value, _SPLIT.value, features_dir=_FEATURES.value,
+        checkpoint=parse_checkpoint_choice(_CHECKPOINT.value))
   except ValueError as error:  # e.g. a split the data config does not have.
     raise protocols.InputError(str(error)) from error
   logging.info("embedded %d pairs with the checkpoint of step %d", len(arrays["speech"]), step)
+  _RUN_INFO["settings/checkpoint_step"] = step
   return arrays
 
 
@@ -189,6 +199,7 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
   elif _WORKDIR.value:
     settings["settings/workdir"] = os.path.abspath(_WORKDIR.value)
     settings["settings/split"] = _SPLIT.value
+    settings["settings/checkpoint"] = _CHECKPOINT.value
   else:
     settings["settings/baseline"] = _BASELINE.value
     settings["settings/data"] = ",".join(os.path.abspath(d) for d in _DATA.value)
@@ -198,6 +209,7 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
   if protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
+  settings.update(_RUN_INFO)
   return settings
 
 

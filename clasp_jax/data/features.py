@@ -25,7 +25,6 @@ import numpy as np
 
 FEATURE_FIELDS = ("speech", "spectrogram", "text")
 LABEL_FIELDS = ("category", "language")
-TOKEN_FIELDS = ("input_ids", "attention_mask")
 SYNTHETIC_CATEGORIES = (
     "adventure", "belles_lettres", "editorial", "fiction", "government", "hobbies", "humor",
     "learned", "lore", "mystery", "news", "religion", "reviews", "romance", "science_fiction")
@@ -56,22 +55,35 @@ class FeatureSplit:
   def num_examples(self) -> int:
     return len(self.arrays["text"])
 
+  def __len__(self) -> int:
+    return self.num_examples
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """Every row has the same shape: nothing to bucket or pad (the pipeline's Source API)."""
+    return np.zeros(self.num_examples, np.int64)
+
+  def describe(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Host fields of `indices` as the input pipeline reports them for audio sources."""
+    indices = np.asarray(indices, dtype=np.int64)
+    sentences = (np.asarray(self.sentences, dtype=object)[indices] if self.sentences is not None
+                 else np.full(len(indices), "", dtype=object))
+    return {
+        "id": indices.astype(str).astype(object),
+        "text": sentences,
+        "language": np.asarray(self.languages, dtype=object)[self.arrays["language"][indices]],
+        "category": np.asarray(self.categories, dtype=object)[self.arrays["category"][indices]],
+        "speaker": np.full(len(indices), "", dtype=object),
+        "source": np.full(len(indices), self.source, dtype=object),
+    }
+
   @property
   def dims(self) -> dict[str, int]:
     return {name: int(self.arrays[name].shape[1]) for name in FEATURE_FIELDS}
 
-  def add_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-    """Adds tokenised sentences, (N, length) int32 each, to every batch taken from now on."""
-    self.arrays["input_ids"] = np.asarray(input_ids, np.int32)
-    self.arrays["attention_mask"] = np.asarray(attention_mask, np.int32)
-
   def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """The model inputs of `indices`, as a batch (features, and tokens when added)."""
-    batch = {name: np.asarray(self.arrays[name][indices], np.float32) for name in FEATURE_FIELDS}
-    for name in TOKEN_FIELDS:
-      if name in self.arrays:
-        batch[name] = self.arrays[name][indices]
-    return batch
+    """The model inputs of `indices`, as a batch."""
+    return {name: np.asarray(self.arrays[name][indices], np.float32) for name in FEATURE_FIELDS}
 
   def label_names(self, field: str) -> np.ndarray:
     names = np.asarray(self.categories if field == "category" else self.languages, dtype=object)

@@ -1,16 +1,22 @@
-"""Per-process audio input pipeline: step-addressed batches as global jax.Arrays.
+"""The one input pipeline: step-addressed batches of a split as global jax.Arrays.
 
-Each JAX process reads only its slice of every global batch (EpochSampler's order, a
-function of (seed, step)), crops or pads the clips to a fixed number of samples with a
-mask, and hands its rows to `jax.make_array_from_process_local_data`, which assembles the
-global batch sharded over the mesh axis 'data'. Batches are prepared ahead by background
-threads. Restarting at step k yields exactly the batches an uninterrupted run yields from
-step k on, so a checkpoint needs to store only the step.
+Training and evaluation read through it, from either kind of source: a built speech-text
+dataset (`data.build` / `data.synthesize` output, read with `reader.open_split`: clips are
+cropped or padded to a length bucket, with a mask) or a feature split (`features.py`:
+precomputed vectors, as the paper trains). Each JAX process reads only its slice of every
+global batch (the sampler's order, a function of (seed, step)) and hands its rows to
+`jax.make_array_from_process_local_data`, which assembles the global batch sharded over the
+mesh axis 'data'. Batches are prepared ahead by background threads. Restarting at step k
+yields exactly the batches an uninterrupted run yields from step k on, so a checkpoint needs
+to store only the step.
 
-  source = reader.open_split(DATASET_DIR, "train")
-  pipeline = InputPipeline(source, PipelineConfig(global_batch_size=256), mesh=mesh)
+  pipeline = for_split(config, "train", mesh=mesh, text_encoder=tokenize)
   for batch in pipeline.iterate(start_step=restored_step):
-    state = train_step(state, batch.arrays)      # batch.host holds ids and texts
+    state, metrics = train_fn(state, batch.arrays)   # batch.host holds ids and texts
+
+`batch.arrays` holds what the model reads: `audio` + `audio_mask` (audio sources) or
+`speech` + `spectrogram` (+ `text` when precomputed) (feature sources), the text encoder's
+outputs (`input_ids`, `attention_mask`), and `valid` / `example_index`.
 """
 
 from __future__ import annotations
@@ -24,9 +30,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from clasp_jax.data import audio_io
-from clasp_jax.data.sampling import EpochSampler
-from clasp_jax.data.sampling import FullPassSampler, LengthBucketedSampler
+from clasp_jax.data import audio_io, features
+from clasp_jax.data.sampling import EpochSampler, FullPassSampler, LengthBucketedSampler
 from clasp_jax.data.tfds_builder import INT16_SCALE
 
 DATA_AXIS = "data"
@@ -36,13 +41,29 @@ TextEncoder = Callable[[Sequence[str]], dict[str, np.ndarray]]
 
 
 class Source(Protocol):
-  """What the pipeline reads: reader.SpeechTextSplit or reader.ConcatenatedSplit."""
+  """What the pipeline reads: an audio split (reader.SpeechTextSplit or ConcatenatedSplit,
+  whose `read` returns records with `audio`) or a `features.FeatureSplit` (which has `take`).
+  """
 
   lengths: np.ndarray
 
   def __len__(self) -> int: ...
 
   def read(self, indices: Sequence[int]) -> list[dict[str, Any]]: ...
+
+
+def is_feature_source(source: Any) -> bool:
+  return isinstance(source, features.FeatureSplit)
+
+
+def describe(source: Any, indices: Sequence[int]) -> dict[str, np.ndarray]:
+  """The host fields (HOST_FIELDS) of `indices` as NumPy string arrays, without audio work."""
+  indices = np.asarray(indices, dtype=np.int64)
+  if is_feature_source(source):
+    return source.describe(indices)
+  records = source.read(indices)
+  return {field: np.asarray([record[field] for record in records], dtype=object)
+          for field in HOST_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +134,7 @@ class InputPipeline:
       if config.global_batch_size % data_devices:
         raise ValueError(f"global batch size {config.global_batch_size} does not divide by "
                          f"the {data_devices} devices of mesh axis '{DATA_AXIS}'")
-    self.lengths = np.asarray(source.lengths)
+    self.lengths = np.asarray(source.lengths)  # Feature sources: zeros (nothing to pad).
     self.max_samples = int(round(config.max_duration_s * audio_io.TARGET_SAMPLE_RATE))
     buckets = sorted({min(self.max_samples, int(round(s * audio_io.TARGET_SAMPLE_RATE)))
                       for s in config.length_buckets_s} | {self.max_samples})
@@ -130,6 +151,11 @@ class InputPipeline:
   @property
   def steps_per_epoch(self) -> int:
     return self.sampler.steps_per_epoch
+
+  @property
+  def num_full_steps(self) -> int:
+    """Steps of a full pass whose rows are all valid (the loss is a mean over whole batches)."""
+    return len(self.source) // self.config.global_batch_size
 
   def pad_length(self, step: int) -> int:
     """Samples per row at `step`: the same on every process (from the global batch)."""
@@ -150,6 +176,21 @@ class InputPipeline:
       valid = self.sampler.local_valid(step)
     else:
       valid = np.ones(len(indices), dtype=bool)
+    if is_feature_source(self.source):
+      arrays, host = self.source.take(indices), self.source.describe(indices)
+    else:
+      arrays, host = self._audio_rows(step, indices)
+    arrays.update(valid=valid, example_index=indices.astype(np.int32))
+    if self.text_encoder is not None:
+      encoded = self.text_encoder(list(host["text"]))
+      clashes = set(encoded) & set(arrays)
+      if clashes:
+        raise ValueError(f"text encoder outputs {sorted(clashes)} clash with input fields")
+      arrays.update({name: np.asarray(value) for name, value in encoded.items()})
+    return arrays, host
+
+  def _audio_rows(self, step: int, indices: np.ndarray):
+    """Clips cropped or zero-padded to the step's length bucket, with their masks."""
     records = self.source.read(indices)
     num_samples = self.pad_length(step)
     audio = np.zeros((len(indices), num_samples), dtype=np.float32)
@@ -164,15 +205,7 @@ class InputPipeline:
       mask[row, :len(clip)] = True
     host = {field: np.asarray([record[field] for record in records], dtype=object)
             for field in HOST_FIELDS}
-    arrays = {"audio": audio, "audio_mask": mask, "valid": valid,
-              "example_index": indices.astype(np.int32)}
-    if self.text_encoder is not None:
-      encoded = self.text_encoder(list(host["text"]))
-      clashes = set(encoded) & set(arrays)
-      if clashes:
-        raise ValueError(f"text encoder outputs {sorted(clashes)} clash with audio fields")
-      arrays.update({name: np.asarray(value) for name, value in encoded.items()})
-    return arrays, host
+    return {"audio": audio, "audio_mask": mask}, host
 
   def to_global(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles every process's rows into global arrays sharded over 'data'."""
@@ -213,3 +246,59 @@ class InputPipeline:
         yield PipelineBatch(step, self.to_global(arrays), host)
     finally:
       pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------ From a config.
+
+AUDIO_DATA_KINDS = ("audio",)
+FEATURE_DATA_KINDS = ("synthetic_features", "features")
+
+
+def _dataset_paths(data_config) -> list[str]:
+  datasets = data_config.get("datasets", "")
+  paths = ([path.strip() for path in datasets.split(",") if path.strip()]
+           if isinstance(datasets, str) else [str(path) for path in datasets])
+  if not paths:
+    raise ValueError("config.data.datasets must name at least one built dataset "
+                     "(comma-separated) for config.data.kind='audio'")
+  return paths
+
+
+def open_source(data_config, split: str) -> Source:
+  """The split that `config.data` describes, as a pipeline source."""
+  if data_config.kind in FEATURE_DATA_KINDS:
+    return features.load_split(data_config, split)
+  if data_config.kind in AUDIO_DATA_KINDS:
+    from clasp_jax.data import reader  # TFDS is only imported when audio is read.
+    return reader.open_split(_dataset_paths(data_config), split)
+  raise ValueError(f"config.data.kind must be one of {FEATURE_DATA_KINDS + AUDIO_DATA_KINDS}, "
+                   f"got {data_config.kind!r}")
+
+
+def pipeline_config(config, *, train: bool) -> PipelineConfig:
+  """Batch shaping from `config.data`: training shuffles; evaluation reads every example once.
+
+  Fields that workdirs written before they existed lack take the defaults of PipelineConfig.
+  """
+  data = config.data
+  common = dict(
+      max_duration_s=float(data.get("max_duration_s", PipelineConfig.max_duration_s)),
+      peak_normalize=bool(data.get("peak_normalize", PipelineConfig.peak_normalize)),
+      length_buckets_s=tuple(data.get("length_buckets_s", ()) or ()),
+      prefetch=int(data.get("prefetch", PipelineConfig.prefetch)),
+      seed=int(config.seed))
+  if train:
+    return PipelineConfig(global_batch_size=config.batch_size, shuffle=True,
+                          random_crop=bool(data.get("random_crop", False)),
+                          bucket_window=int(data.get("bucket_window", 0)), **common)
+  return PipelineConfig(global_batch_size=config.eval_batch_size, shuffle=False,
+                        full_pass=True, **common)
+
+
+def for_split(config, split: str, *, mesh: Mesh | None, train: bool,
+              text_encoder: TextEncoder | None = None,
+              source: Source | None = None) -> InputPipeline:
+  """The pipeline over `split` of `config.data`, shaped for training or for evaluation."""
+  source = open_source(config.data, split) if source is None else source
+  return InputPipeline(source, pipeline_config(config, train=train), mesh=mesh,
+                       text_encoder=text_encoder)

@@ -1,7 +1,8 @@
 """Evaluators, picked by `config.evals.<name>.type`: module `clasp_jax.evaluators.<type>`.
 
-Each module exports `Evaluator(config, *, mesh=None)` whose `run(embeddings)` yields
-`(metric name, value)` pairs for the paired speech/text embeddings of one split.
+Each module exports `Evaluator(config, *, predict_fn, make_pipeline, mesh)`: it reads its own
+split through `make_pipeline(split)` (the input pipeline, in evaluation order), and its
+`run(state)` yields `(metric name, value)` pairs for the model in `state`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Retrieval evaluator for the trainer: `config.evals.<name>.type = 'retrieval'`.
 
-The trainer embeds its evaluation split and hands the embeddings over; this module only scores
-them, with the same protocols as `python -m clasp_jax.evaluate`, and yields plain
+The evaluator owns its data: it reads its split (`split`, default 'validation') through the
+same input pipeline as training, embeds it with the trainer's `predict_fn(state, batch)`, and
+scores it with the same protocols as `python -m clasp_jax.evaluate`, yielding plain
 (name, value) pairs that the trainer prefixes with '<eval name>/' and writes to TensorBoard and
 metrics.jsonl. Example config entry:
 
@@ -19,12 +20,13 @@ and optional tile sizes block_rows, block_cols, chunk_rows, chunk_cols. `type`, 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
+from clasp_jax.inference import split_embedding
 from clasp_jax.retrieval import evaluation as protocols
 from clasp_jax.retrieval import scoring
 
@@ -51,9 +53,16 @@ def protocol_from_config(config: ml_collections.ConfigDict) -> protocols.Protoco
 
 
 class Evaluator:
-  """Scores one split's embeddings with one retrieval protocol."""
+  """Embeds one split with the model under training and scores it with one protocol.
+
+  `make_pipeline(split)` returns the evaluation pipeline of that split (the trainer binds the
+  config, mesh and text encoder); `predict_fn(state, batch) -> (zspeech, ztext)`. Both may be
+  omitted to use `score` alone on embeddings computed elsewhere.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, *,
+               predict_fn: Optional[split_embedding.PredictFn] = None,
+               make_pipeline: Optional[Callable[[str], Any]] = None,
                mesh: Optional[jax.sharding.Mesh] = None):
     self.config = config
     self.protocol = protocol_from_config(config)
@@ -62,12 +71,23 @@ class Evaluator:
            for name in ("block_rows", "block_cols", "chunk_rows", "chunk_cols")})
     self.normalize = bool(config.get("normalize", False))
     self.mesh = mesh
+    self.predict_fn = predict_fn
+    self.split = config.get("split", "validation")
+    self.pipeline = make_pipeline(self.split) if make_pipeline is not None else None
 
-  def run(self, embeddings: Mapping[str, np.ndarray]) -> Iterator[tuple[str, float]]:
+  def embed(self, state: Any) -> dict[str, np.ndarray]:
+    if self.pipeline is None or self.predict_fn is None:
+      raise ValueError("this evaluator was built without predict_fn and make_pipeline")
+    return split_embedding.embed_split(self.predict_fn, state, self.pipeline)
+
+  def run(self, state: Any) -> Iterator[tuple[str, float]]:
+    """Embeds the split with `state` and yields its metrics (see `score`)."""
+    yield from self.score(self.embed(state))
+
+  def score(self, embeddings: Mapping[str, np.ndarray]) -> Iterator[tuple[str, float]]:
     """Yields ('speech_to_text/hits@1', value), ('by_category/news/...', value), ..."""
     corpus = protocols.Corpus.from_mapping(embeddings, normalize=self.normalize)
     metrics = protocols.evaluate(corpus, self.protocol, mesh=self.mesh,
                                  blocking=self.blocking)
     for name in sorted(metrics):
       yield name, float(metrics[name])
-

@@ -1,72 +1,32 @@
-"""Embedding feature splits with a model: during training, and from a trained workdir."""
+"""A trained workdir as a model: its config, its chosen checkpoint, and embedding with it.
+
+  trained = load_trained(WORKDIR, checkpoint="best")
+  embeddings = trained.embed_split("test")          # what the evaluators score
+
+The model is rebuilt from the workdir's config by the same code as in training
+(`models.towers.build`), the split is read by the same input pipeline, and the variables come
+from the checkpoint (`best` by default: the step that scored best on the early-stopping metric,
+or the newest when no evaluation ran).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
-import re
-from typing import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clasp_jax.trainer import optim
-from clasp_jax.models import text_tower
+from clasp_jax.data import pipeline
+from clasp_jax.inference import split_embedding
+from clasp_jax.models import towers
+from clasp_jax.trainer import steps
 from clasp_jax.trainer.checkpointing import Checkpointer
-from clasp_jax.common.config_args import ConfigError
-from clasp_jax.data import feature_pipeline, features
-from clasp_jax.models.clasp import model_from_config
-
-
-def tokenize_split(split: features.FeatureSplit, name: str, tower: text_tower.TextTower) -> None:
-  """Tokenises the split's sentences once, padded to the tower's maximum length."""
-  if split.sentences is None:
-    raise ConfigError(f"config.text.encoder needs the sentences of each split, but the {name} "
-                      f"split has none (sentences.json); synthetic_features has none either")
-  input_ids, attention_mask = tower.pad_batch(tower.tokenize(split.sentences),
-                                              length=tower.max_length)
-  split.add_tokens(input_ids, attention_mask)
-
-
-def freeze_text_tower(frozen, tower: text_tower.TextTower, trainable_top_layers: int):
-  """Freezes every text-tower parameter but the top layers (and the Dense head) asked for."""
-  trainable = (re.compile(text_tower.trainable_top_layers_regex(tower, trainable_top_layers))
-               if trainable_top_layers > 0 else None)
-  frozen = dict(frozen)
-  frozen["text_encoder"] = jax.tree_util.tree_map_with_path(
-      lambda path, _: not (trainable and trainable.search(optim.parameter_path(path))),
-      tower.params)
-  return frozen
-
-
-def embed_feature_split(embed_batch: Callable, split: features.FeatureSplit, batch_size: int,
-                        mesh: Mesh) -> dict[str, np.ndarray]:
-  """Paired embeddings and labels of a whole split, in order, as the evaluators take them.
-
-  `embed_batch(global_batch) -> (zspeech, ztext)`; every process gets the whole split back.
-  """
-  speech, text = [], []
-  for batch, valid in feature_pipeline.eval_batches(split, batch_size, mesh,
-                                                    drop_remainder=False):
-    zspeech, ztext = embed_batch(batch)
-    zspeech, ztext = multihost_utils.process_allgather((zspeech, ztext), tiled=True)
-    speech.append(np.asarray(zspeech)[:valid])
-    text.append(np.asarray(ztext)[:valid])
-  embeddings = {
-      "speech": np.concatenate(speech),
-      "text": np.concatenate(text),
-      "category": split.label_names("category").astype(str),
-      "language": split.label_names("language").astype(str),
-  }
-  if split.source:
-    embeddings["source"] = np.full(split.num_examples, split.source)
-  if split.sentences is not None:  # Equal sentences share an id: duplicates are detectable.
-    embeddings["text_id"] = np.unique(np.asarray(split.sentences, dtype=str),
-                                      return_inverse=True)[1].astype(np.int64)
-  return embeddings
 
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -77,39 +37,77 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
-                        features_dir: str = "") -> tuple[dict[str, np.ndarray], int]:
-  """Embeds a split with the newest checkpoint of a training workdir.
+@dataclasses.dataclass
+class TrainedModel:
+  """A rebuilt model with the variables of one checkpoint, replicated over `mesh`."""
 
-  The data is the workdir config's (`features_dir` points a `features` config elsewhere).
-  Returns the embeddings mapping and the checkpoint step.
-  """
+  workdir: str
+  config: ml_collections.ConfigDict
+  built: towers.BuiltModel
+  variables: dict[str, Any]
+  step: int
+  mesh: Mesh
+
+  @functools.cached_property
+  def predict_fn(self):
+    """(variables, global batch) -> (zspeech, ztext), sharded over the mesh like in training."""
+    return steps.shard_over_mesh(functools.partial(steps.embed_step, model=self.built.model),
+                                 self.mesh, batch_out=True)
+
+  def embed_split(self, split: str, *, batch_size: int = 0) -> dict[str, np.ndarray]:
+    """Every example of `split` of the config's data, embedded as the evaluators embed it."""
+    config = self.config.copy_and_resolve_references()
+    batch_size = batch_size or config.eval_batch_size
+    config.eval_batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+    split_pipeline = pipeline.for_split(config, split, mesh=self.mesh, train=False,
+                                        text_encoder=self.built.text_encoder)
+    return split_embedding.embed_split(self.predict_fn, _VariablesState(self.variables),
+                                       split_pipeline)
+
+
+@dataclasses.dataclass
+class _VariablesState:
+  """What `steps.embed_step` reads of a train state."""
+
+  variables: dict[str, Any]
+
+  @property
+  def params(self):
+    return self.variables["params"]
+
+  @property
+  def batch_stats(self):
+    return self.variables["batch_stats"]
+
+
+jax.tree_util.register_pytree_node(
+    _VariablesState, lambda state: ((state.variables,), None),
+    lambda _, children: _VariablesState(children[0]))
+
+
+def load_trained(workdir: str, *, checkpoint: int | str = "best",
+                 features_dir: str = "") -> TrainedModel:
+  """Rebuilds the model of `workdir` with the variables of `checkpoint` ('best', 'latest', or a
+  step). `features_dir` points a feature-mode config at another feature folder."""
   config = read_workdir_config(workdir)
   if features_dir:
     config.data.kind, config.data.directory = "features", features_dir
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  batch_size = batch_size or config.eval_batch_size
-  batch_size = -(-batch_size // mesh.size) * mesh.size  # A multiple of the device count.
-  tower = None
-  if config.text.encoder:
-    tower = text_tower.load(config.text.encoder, max_length=config.text.max_length or None)
-  split = features.load_split(config.data, split_name)
-  if tower is not None:
-    tokenize_split(split, split_name, tower)
+  mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
+  built = towers.build(config)
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
-    state, record = checkpointer.read()
+    state, record = checkpointer.read(checkpoint)
   finally:
     checkpointer.close()
-  model = model_from_config(config.model, config.loss,
-                            text_encoder=tower.model if tower is not None else None)
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  return TrainedModel(workdir=workdir, config=config, built=built, variables=variables,
+                      step=int(record["step"]), mesh=mesh)
 
-  @jax.jit
-  def embed_batch(variables, batch):
-    zspeech, ztext, _ = model.apply(variables, batch, train=False)
-    return zspeech, ztext
 
-  embeddings = embed_feature_split(lambda batch: embed_batch(variables, batch), split,
-                                   batch_size, mesh)
-  return embeddings, int(record["step"])
+def embed_workdir_split(workdir: str, split_name: str, *, batch_size: int = 0,
+                        features_dir: str = "", checkpoint: int | str = "best"
+                        ) -> tuple[dict[str, np.ndarray], int]:
+  """Embeds a split with a checkpoint of a training workdir; returns (embeddings, step)."""
+  trained = load_trained(workdir, checkpoint=checkpoint, features_dir=features_dir)
+  return trained.embed_split(split_name, batch_size=batch_size), trained.step

@@ -1,4 +1,10 @@
-"""Orbax checkpoints of the train state plus a JSON record (config, data position, progress)."""
+"""Orbax checkpoints of the train state plus a JSON record (config, data position, progress).
+
+Two folders in a workdir: `checkpoints/<step>/`, the newest `keep` train states (what a
+restart resumes from), and `best/<step>/`, the parameters and BatchNorm statistics of the step
+that scored best on the early-stopping metric (what evaluation, embedding and conversion use
+by default: the authors evaluated their best epoch, not their last).
+"""
 
 from __future__ import annotations
 
@@ -18,11 +24,16 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.best_directory = os.path.join(os.path.abspath(workdir), "best")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self.every_steps = every_steps
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "record"))
+    self._best = ocp.CheckpointManager(
+        self.best_directory, item_names=("state", "record"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -42,23 +53,75 @@ class Checkpointer:
                                       record=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["record"])
 
-  def read(self, step: int | None = None) -> tuple[dict, dict]:
+  def best_step(self) -> int | None:
+    return self._best.latest_step()
+
+  def save_best(self, step: int, state: Any, record: dict) -> None:
+    """Keeps `state`'s parameters and BatchNorm statistics as the best so far."""
+    best = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats}
+    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(best),
+                                                  record=ocp.args.JsonSave(record)), force=True)
+
+  def drop_best_after(self, step: int) -> None:
+    """Forgets a best checkpoint newer than `step` (a run that died before its next regular
+    checkpoint and resumes from an older one will reach, and save, that step again)."""
+    for best in self._best.all_steps():
+      if best > step:
+        self._best.delete(best)
+
+  def read(self, step: int | str | None = None) -> tuple[dict, dict]:
     """The state as plain nested dicts of arrays, without a live target (for inspection,
-    inference and conversion); defaults to the newest step."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                      record=ocp.args.JsonRestore()))
+    inference and conversion).
+
+    `step`: 'best' (the default: the best step, or the newest when no evaluation chose one),
+    'latest', or a step number (a regular checkpoint, or the best one).
+    """
+    manager, chosen = self.resolve(step)
+    restored = manager.restore(
+        chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                        record=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["record"])
+
+  def resolve(self, step: int | str | None) -> tuple[ocp.CheckpointManager, int]:
+    step = "best" if step is None else step
+    if step == "best" and self.best_step() is not None:
+      return self._best, self.best_step()
+    if step in ("best", "latest"):
+      latest = self.latest_step()
+      if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return self._manager, latest
+    step = int(step)
+    if step in self._manager.all_steps():
+      return self._manager, step
+    if step in self._best.all_steps():
+      return self._best, step
+    available = sorted(set(self._manager.all_steps()) | set(self._best.all_steps()))
+    raise FileNotFoundError(f"no checkpoint of step {step} in {os.path.dirname(self.directory)}"
+                            f" (steps: {available or 'none'})")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+    self._best.close()
+
+
+def parse_checkpoint_choice(value: str) -> int | str:
+  """`--checkpoint` values: 'best', 'latest' or a step number."""
+  if value in ("best", "latest"):
+    return value
+  try:
+    step = int(value)
+  except ValueError:
+    raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {value!r}"
+                     ) from None
+  if step < 0:
+    raise ValueError(f"--checkpoint step must be >= 0, got {step}")
+  return step
 
 
 def abstract_like(state: Any) -> Any:

@@ -1,4 +1,12 @@
-"""Optimizer and learning-rate schedule from config, with regex-frozen parameters."""
+"""Optimizer and learning-rate schedule from config, and which parameters train.
+
+Freezing is config, through one mechanism: a regex over '/'-joined parameter paths. The
+effective regex joins `config.frozen_params` with the patterns that the towers' settings
+imply (`config.model.text.trainable_top_layers`, `config.model.speech.trainable_top_layers`:
+-1 trains the whole tower, 0 freezes it, K > 0 trains only its top K layers). Frozen
+parameters are not differentiated and have no optimizer state: the optimizer sees the
+trainable subtree only.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,59 @@ SCHEDULES = ("constant", "warmup_cosine", "step")
 
 def parameter_path(path) -> str:
   return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def _layer_indices(params, tower: str, layer_pattern: str) -> list[int]:
+  regex = re.compile(layer_pattern)
+  found = set()
+  for path in jax.tree_util.tree_flatten_with_path(params.get(tower, {}))[0]:
+    match = regex.search(parameter_path(path[0]))
+    if match:
+      found.add(int(match.group(1)))
+  return sorted(found)
+
+
+def tower_frozen_pattern(params, tower: str, layer_pattern: str, trainable_top: int,
+                         always_trainable: tuple[str, ...] = ()) -> str:
+  """The regex freezing `tower/` except its top `trainable_top` layers (and, when any layer
+  trains, the sub-trees named in `always_trainable`, e.g. a sentence encoder's Dense head).
+
+  `layer_pattern` finds a layer's index in a path inside the tower (one capture group).
+  '' when nothing is frozen (no such tower, or trainable_top < 0).
+  """
+  if tower not in params or trainable_top < 0:
+    return ""
+  layers = _layer_indices(params, tower, layer_pattern)
+  if trainable_top > len(layers):
+    raise ValueError(f"{tower}: {trainable_top} trainable top layers asked for, but it has "
+                     f"{len(layers)}")
+  if trainable_top == 0:
+    return f"^{re.escape(tower)}/"
+  top = "|".join(str(index) for index in layers[len(layers) - trainable_top:])
+  layer_prefix = layer_pattern.replace(r"(\d+)", f"(?:{top})")
+  keep = [f".*{layer_prefix}"] + [f"{re.escape(name)}/" for name in always_trainable]
+  return f"^{re.escape(tower)}/(?!{'|'.join(keep)})"
+
+
+TEXT_TOWER_LAYERS = r"transformer/encoder/layer_(\d+)/"
+SSL_ENCODER_LAYERS = r"encoder/layers_(\d+)/"
+
+
+def frozen_pattern(config: ml_collections.ConfigDict, params) -> str:
+  """The effective freezing regex of a config, for a parameter tree."""
+  model = config.get("model", {})
+  patterns = [config.get("frozen_params", "")]
+  # Configs written before the text settings moved under `model` keep them at the top.
+  text = model.get("text", None) or config.get("text", None)
+  if text is not None and "text_encoder" in params:
+    head = tuple(name for name in params["text_encoder"] if name != "transformer")
+    patterns.append(tower_frozen_pattern(params, "text_encoder", TEXT_TOWER_LAYERS,
+                                         int(text.get("trainable_top_layers", 0)), head))
+  speech = model.get("speech", None)
+  if speech is not None and "ssl_encoder" in params:
+    patterns.append(tower_frozen_pattern(params, "ssl_encoder", SSL_ENCODER_LAYERS,
+                                         int(speech.get("trainable_top_layers", -1))))
+  return "|".join(f"(?:{p})" for p in patterns if p)
 
 
 def frozen_mask(params, pattern: str):
@@ -45,12 +106,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params, *, total_steps: int,
-                   steps_per_epoch: int, frozen=None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam/AdamW with optional global-norm clipping; frozen parameters get zero updates.
-
-  `frozen` (a pytree of bools like `params`) defaults to `config.frozen_params`' matches.
-  """
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam/AdamW with optional global-norm clipping, for `params` (the trainable subtree)."""
   opt = config.optimizer
   schedule = learning_rate_schedule(config, total_steps=total_steps,
                                     steps_per_epoch=steps_per_epoch)
@@ -64,12 +121,24 @@ def make_optimizer(config: ml_collections.ConfigDict, params, *, total_steps: in
   else:
     raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
   chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
-  trainable = optax.chain(*chain, base)
-  if frozen is None:
-    frozen = frozen_mask(params, config.frozen_params)
-  labels = jax.tree.map(lambda is_frozen: "frozen" if is_frozen else "trainable", frozen)
-  tx = optax.multi_transform({"trainable": trainable, "frozen": optax.set_to_zero()}, labels)
-  return tx, schedule
+  return optax.chain(*chain, base), schedule
+
+
+def split_trainable(params, frozen) -> tuple[dict, dict]:
+  """(trainable, frozen) nested dicts: the parameters under each label, others left out."""
+  flat = flax.traverse_util.flatten_dict(params)
+  flat_frozen = flax.traverse_util.flatten_dict(frozen)
+  trainable = {path: value for path, value in flat.items() if not flat_frozen[path]}
+  rest = {path: value for path, value in flat.items() if flat_frozen[path]}
+  return (flax.traverse_util.unflatten_dict(trainable),
+          flax.traverse_util.unflatten_dict(rest))
+
+
+def merge_params(trainable, frozen) -> dict:
+  """The inverse of split_trainable."""
+  flat = flax.traverse_util.flatten_dict(trainable)
+  flat.update(flax.traverse_util.flatten_dict(frozen))
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def parameter_overview(params, frozen) -> str:

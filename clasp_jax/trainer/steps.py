@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from clasp_jax.trainer import losses
+from clasp_jax.trainer import losses, optim
+from clasp_jax.trainer.state import TrainState
 
 AXIS = "data"
 
@@ -29,20 +29,15 @@ def mean_over_devices(tree):
   return jax.lax.pmean(tree, AXIS)
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  nonfinite_steps: jax.Array  # Consecutive steps whose update was skipped.
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, loss_kind: str,
-               schedule: optax.Schedule | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule | None = None,
+               frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch.
+
+  `frozen` (a tree of Python bools like the parameters; None: nothing frozen) splits the
+  parameters: only the trainable ones are differentiated, clipped, updated and counted in
+  `train/grad_norm`; `tx` and `state.opt_state` cover the trainable subtree alone.
 
   No NaN or infinity ever reaches the model: a step with a non-finite loss leaves parameters
   and BatchNorm statistics unchanged (the optimizer sees a zero gradient, so its moment
@@ -53,14 +48,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                    jax.lax.axis_index(AXIS))
 
-  def loss_fn(params):
+  if frozen is None:
+    trainable, fixed = state.params, {}
+  else:
+    trainable, fixed = optim.split_trainable(state.params, frozen)
+
+  def loss_fn(trainable):
+    params = optim.merge_params(trainable, fixed) if frozen is not None else trainable
     variables = {"params": params, "batch_stats": state.batch_stats}
     (zspeech, ztext, out), updates = model.apply(
         variables, batch, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
     loss = losses.contrastive_loss(loss_kind, zspeech, ztext, out, axis_name=AXIS)
     return loss, (updates["batch_stats"], out)
 
-  (loss, (batch_stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (batch_stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   grads, loss = mean_over_devices((grads, loss))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -70,10 +71,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   loss_finite = jnp.isfinite(loss)
   sanitize = lambda tree: jax.tree.map(
       lambda x: jnp.where(loss_finite & jnp.isfinite(x), x, 0.0), tree)
-  updates, opt_state = tx.update(sanitize(grads), state.opt_state, state.params)
+  updates, opt_state = tx.update(sanitize(grads), state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, sanitize(updates))
   new_state = state.replace(
       step=state.step + 1,
-      params=optax.apply_updates(state.params, sanitize(updates)),
+      params=optim.merge_params(trainable, fixed) if frozen is not None else trainable,
       batch_stats=jax.tree.map(lambda n, o: jnp.where(loss_finite, n, o), batch_stats,
                                state.batch_stats),
       opt_state=opt_state,

@@ -1,8 +1,9 @@
-"""Training and evaluation of the CLASP fusion encoder, read top to bottom.
+"""Training and evaluation of CLASP, read top to bottom.
 
-Sections: config checks, mesh, input, model and optimizer, checkpoint restore, steps,
-evaluators, loop. Everything device-side is a pure jitted function (see steps.py); logging,
-non-finite checks, checkpoints and evaluation live here, outside the step.
+Sections: config checks and mesh, model and towers, input, train state, checkpoint restore,
+steps, evaluators, loop. Everything device-side is a pure jitted function (steps.py);
+logging, non-finite checks, checkpoints and evaluation live here, outside the step.
+Evaluators read their own splits through the same input pipeline as training.
 """
 
 from __future__ import annotations
@@ -14,26 +15,22 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from clasp_jax.trainer import optim, steps
-from clasp_jax.models import text_tower
 from clasp_jax.common.config_args import ConfigError
-from clasp_jax.inference.workdir import embed_feature_split, freeze_text_tower, tokenize_split
-from clasp_jax.trainer.checkpointing import Checkpointer, abstract_like
-from clasp_jax.data import feature_pipeline, features
-from clasp_jax.data.sampling import EpochSampler
-from clasp_jax.trainer.early_stopping import EarlyStopping
+from clasp_jax.data import pipeline
 from clasp_jax.evaluators import get_evaluator_class
+from clasp_jax.models import precision
+from clasp_jax.models import towers
+from clasp_jax.models.fusion import FUSIONS, MODES
+from clasp_jax.trainer import optim, state as state_lib, steps
+from clasp_jax.trainer.checkpointing import Checkpointer, abstract_like
+from clasp_jax.trainer.early_stopping import EarlyStopping
 from clasp_jax.trainer.losses import LOSSES
 from clasp_jax.trainer.metric_writer import MetricWriter
-from clasp_jax.models.clasp import model_from_config
-from clasp_jax.models import precision
-from clasp_jax.models.fusion import FUSIONS, MODES
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -71,69 +68,53 @@ def _write_text(path: str, text: str) -> None:
       f.write(text)
 
 
+def _data_record(config: ml_collections.ConfigDict, num_train: int) -> dict:
+  return {"seed": config.seed, "batch_size": config.batch_size, "num_train": num_train}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last evaluation's metrics."""
-  # ---------------------------------------------------------------- Mesh and config checks.
+  # ---------------------------------------------------------------- Config checks and mesh.
   mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
   validate_config(config, mesh.size)
   os.makedirs(workdir, exist_ok=True)
-  replicated = NamedSharding(mesh, P())
   logging.info("mesh: %d devices (%s) over %d processes", mesh.size, jax.devices()[0].platform,
                jax.process_count())
 
-  # ---------------------------------------------------------------- Text tower and input.
-  tower = None
-  if config.text.encoder:
-    tower = text_tower.load(config.text.encoder, max_length=config.text.max_length or None)
-    logging.info("text tower: %s (%d-d), top %d layers trainable", config.text.encoder,
-                 tower.embedding_dim, config.text.trainable_top_layers)
+  # ---------------------------------------------------------------- Model and towers.
+  built = towers.build(config, axis_name=steps.AXIS)
+  model = built.model
+  logging.info("model: speech %s, text %s", built.speech_description, built.text_description)
 
-  def load_split(name: str) -> features.FeatureSplit:
-    split = features.load_split(config.data, name)
-    if tower is not None:
-      tokenize_split(split, name, tower)
-    return split
-
-  train_split = load_split("train")
-  eval_splits = {"validation": load_split("validation")}
-  text_dim = tower.embedding_dim if tower is not None else train_split.dims["text"]
-  if text_dim != config.model.embed_dim:
-    raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
-                      f"embedding width ({text_dim})")
-  sampler = EpochSampler(train_split.num_examples, config.batch_size, seed=config.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count())
-  steps_per_epoch = sampler.steps_per_epoch
+  # ---------------------------------------------------------------- Input.
+  make_pipeline = functools.partial(pipeline.for_split, config, mesh=mesh,
+                                    text_encoder=built.text_encoder)
+  train_input = make_pipeline("train", train=True)
+  validation = make_pipeline("validation", train=False)
+  steps_per_epoch = train_input.steps_per_epoch
   total_steps = (config.num_epochs * steps_per_epoch if config.num_epochs > 0
                  else config.total_steps)
   eval_every = config.eval_every_steps or steps_per_epoch
-  if eval_splits["validation"].num_examples < config.eval_batch_size:
-    raise ConfigError(f"the validation split has {eval_splits['validation'].num_examples} "
-                      f"examples, fewer than config.eval_batch_size={config.eval_batch_size}")
+  if validation.num_full_steps == 0:
+    raise ConfigError(f"the validation split has {len(validation.source)} examples, fewer than "
+                      f"config.eval_batch_size={config.eval_batch_size}")
   logging.info("data: %s, %d train examples (%d steps per epoch), %d validation; %d steps",
-               config.data.kind, train_split.num_examples, steps_per_epoch,
-               eval_splits["validation"].num_examples, total_steps)
+               config.data.kind, len(train_input.source), steps_per_epoch,
+               len(validation.source), total_steps)
 
-  # ---------------------------------------------------------------- Model and optimizer.
-  model = model_from_config(config.model, config.loss, axis_name=steps.AXIS,
-                            text_encoder=tower.model if tower is not None else None)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      init_rng, train_split.take(np.arange(2)))
-  params, batch_stats = dict(variables["params"]), variables.get("batch_stats", {})
-  frozen = optim.frozen_mask(params, config.frozen_params)
-  if tower is not None:
-    params["text_encoder"] = tower.params  # Pretrained weights replace the random init.
-    frozen = freeze_text_tower(frozen, tower, config.text.trainable_top_layers)
-  tx, schedule = optim.make_optimizer(config, params, total_steps=total_steps,
-                                      steps_per_epoch=steps_per_epoch, frozen=frozen)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=batch_stats, opt_state=tx.init(params),
-                           rng=jax.random.key_data(dropout_rng),
-                           nonfinite_steps=jnp.zeros((), jnp.int32))
-  state = jax.device_put(state, replicated)
+  # ---------------------------------------------------------------- Train state.
+  example_batch, example_host = train_input.local_batch(0)
+  built.check_batch(example_batch, example_host)
+  state, tx, frozen = state_lib.create_train_state(
+      model, example_batch, seed=config.seed, mesh=mesh, pretrained=built.pretrained,
+      frozen_pattern=functools.partial(optim.frozen_pattern, config),
+      make_optimizer=lambda params: optim.make_optimizer(
+          config, params, total_steps=total_steps, steps_per_epoch=steps_per_epoch)[0])
+  schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
+                                          steps_per_epoch=steps_per_epoch)
   _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
   _write_text(os.path.join(workdir, "parameters.txt"),
-              optim.parameter_overview(params, frozen))
+              optim.parameter_overview(state.params, frozen))
 
   # ---------------------------------------------------------------- Checkpoint restore.
   checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
@@ -146,10 +127,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, record = checkpointer.restore(latest, abstract_like(state))
     early_stopping = EarlyStopping.from_json(record["early_stopping"])
     last_eval = record.get("last_eval", {})
-    if record.get("data") != {"seed": config.seed, "batch_size": config.batch_size,
-                              "num_train": train_split.num_examples}:
+    if record.get("data") != _data_record(config, len(train_input.source)):
       logging.warning("the data settings differ from the checkpoint's %s: the resumed run will "
                       "not see the batches an uninterrupted run would", record.get("data"))
+    checkpointer.drop_best_after(latest)
     logging.info("resumed from %s at step %d", checkpointer.directory, latest)
   start_step = int(state.step)
 
@@ -157,41 +138,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loss_kind = config.loss.kind
   train_fn = steps.shard_over_mesh(
       functools.partial(steps.train_step, model=model, tx=tx, loss_kind=loss_kind,
-                        schedule=schedule), mesh, donate_state=True)
+                        schedule=schedule, frozen=frozen), mesh, donate_state=True)
   eval_loss_fn = steps.shard_over_mesh(
       functools.partial(steps.eval_loss_step, model=model, loss_kind=loss_kind), mesh)
-  embed_fn = steps.shard_over_mesh(functools.partial(steps.embed_step, model=model), mesh,
-                                   batch_out=True)
+  predict_fn = steps.shard_over_mesh(functools.partial(steps.embed_step, model=model), mesh,
+                                     batch_out=True)
 
   # ---------------------------------------------------------------- Evaluators.
-  evaluators = {}
-  for name, eval_config in config.evals.items():
-    split = eval_config.get("split", "validation")
-    if split not in eval_splits:
-      eval_splits[split] = load_split(split)
-    evaluators[name] = (get_evaluator_class(eval_config.type)(eval_config, mesh=mesh), split)
+  def make_eval_pipeline(split: str) -> pipeline.InputPipeline:
+    return validation if split == "validation" else make_pipeline(split, train=False)
+
+  evaluators = {name: get_evaluator_class(eval_config.type)(
+      eval_config, predict_fn=predict_fn, make_pipeline=make_eval_pipeline, mesh=mesh)
+                for name, eval_config in config.evals.items()}
 
   def evaluate(state, step: int, final: bool) -> dict[str, float]:
-    """Validation loss, then each evaluator due at `step` (all of them at the end)."""
-    losses = [eval_loss_fn(state, batch) for batch, _ in feature_pipeline.eval_batches(
-        eval_splits["validation"], config.eval_batch_size, mesh, drop_remainder=True)]
+    """Validation loss over whole batches, then each evaluator due at `step` (all at the end)."""
+    losses = [eval_loss_fn(state, batch.arrays)
+              for batch in validation.iterate(0, validation.num_full_steps)]
     results = {"val/loss": float(np.mean(jax.device_get(losses)))}
-    embedded = {}
-    for name, (evaluator, split) in evaluators.items():
+    for name, evaluator in evaluators.items():
       every = config.evals[name].get("every_steps", 0) or eval_every
       if step % every and not final:
         continue
-      if split not in embedded:
-        embedded[split] = embed_feature_split(functools.partial(embed_fn, state),
-                                              eval_splits[split], config.eval_batch_size, mesh)
-      for metric, value in evaluator.run(embedded[split]):
+      for metric, value in evaluator.run(state):
         results[f"{name}/{metric}"] = float(value)
     return results
 
   def record(step: int) -> dict:
     return {"step": step, "early_stopping": early_stopping.to_json(), "last_eval": last_eval,
-            "data": {"seed": config.seed, "batch_size": config.batch_size,
-                     "num_train": train_split.num_examples},
+            "data": _data_record(config, len(train_input.source)),
             "config": json.loads(config.to_json_best_effort())}
 
   # ---------------------------------------------------------------- Loop.
@@ -204,14 +180,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     return last_eval
 
-  batches = feature_pipeline.train_batches(train_split, sampler, mesh, start_step=start_step,
-                                           prefetch=config.data.prefetch)
+  batches = train_input.iterate(start_step=start_step)
   window: list[dict[str, jax.Array]] = []
   window_start = time.perf_counter()
   window_first_step = start_step
   step = start_step
   for step in range(start_step + 1, total_steps + 1):
-    state, metrics = train_fn(state, next(batches))
+    state, metrics = train_fn(state, next(batches).arrays)
     window.append(metrics)
     if step == start_step + 1:  # Keep compilation out of the steps/s figure.
       jax.block_until_ready(metrics)
@@ -251,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("early stopping at step %d: %s has not improved on %.5f (step %s) for %d "
                      "evaluations", step, config.early_stopping.metric, early_stopping.best,
                      early_stopping.best_step, early_stopping.evals_without_improvement)
+      if early_stopping.best_step == step:
+        checkpointer.save_best(step, state, record(step))
 
     final = step == total_steps or early_stopping.stopped
     if checkpointer.save(step, state, record(step), force=final):
@@ -260,5 +237,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer.close()
   checkpointer.close()
-  logging.info("done at step %d; workdir %s", step, workdir)
+  logging.info("done at step %d; workdir %s (best: step %s, %s %s)", step, workdir,
+               early_stopping.best_step, config.early_stopping.metric, early_stopping.best)
   return last_eval

@@ -29,7 +29,7 @@ def test_minimal_config_takes_the_defaults(embeddings):
   evaluator = retrieval.Evaluator(config)
   assert evaluator.protocol == protocols.Protocol()
   assert evaluator.blocking == scoring.make_blocking()
-  got = dict(evaluator.run(embeddings))
+  got = dict(evaluator.score(embeddings))
   want = protocols.evaluate(embeddings, protocols.Protocol())
   assert got == pytest.approx(want)
   assert "speech_to_text/hits@1" in got and "text_to_speech/mrr" in got
@@ -49,7 +49,7 @@ def test_config_keys_reach_the_protocol(embeddings):
   assert evaluator.protocol == protocols.Protocol(
       kind="soft", num_candidates=12, seed=4, skip_ties=True, duplicates_as_hits=True,
       breakdowns=("category",), cross_lingual=(("fr", "en"),), ks=(1, 3))
-  got = dict(evaluator.run(embeddings))
+  got = dict(evaluator.score(embeddings))
   one_device = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   want = protocols.evaluate(embeddings, evaluator.protocol, mesh=one_device)
   assert got == pytest.approx(want)

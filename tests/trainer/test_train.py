@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from clasp_jax.trainer import optim, steps, trainer
+from clasp_jax.data import pipeline
+from clasp_jax.models import towers
+from clasp_jax.trainer import optim, state as state_lib, steps, trainer
 from clasp_jax.trainer.checkpointing import Checkpointer
-from clasp_jax.data import feature_pipeline, features
-from clasp_jax.data.sampling import EpochSampler
-from clasp_jax.models.clasp import example_batch, model_from_config
 from configs import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,23 +79,23 @@ def test_tiny_run_learns_and_logs(tmp_path):
 
 
 def _train_state(config, mesh):
-  split = features.load_split(config.data, "train")
-  model = model_from_config(config.model, config.loss, axis_name="data")
-  variables = model.init(jax.random.key(0), example_batch(split.dims), train=False)
-  tx, schedule = optim.make_optimizer(config, variables["params"], total_steps=100,
-                                      steps_per_epoch=10)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]),
-                           rng=jax.random.key_data(jax.random.key(1)),
-                           nonfinite_steps=jnp.zeros((), jnp.int32))
-  return split, model, tx, schedule, jax.device_put(state, NamedSharding(mesh, P()))
+  """The trainer's own way: model from config, pipeline, create_train_state."""
+  built = towers.build(config, axis_name="data")
+  train_input = pipeline.for_split(config, "train", mesh=mesh, train=True)
+  example, _ = train_input.local_batch(0)
+  make_optimizer = lambda params: optim.make_optimizer(config, params, total_steps=100,
+                                                       steps_per_epoch=10)
+  state, tx, frozen = state_lib.create_train_state(
+      built.model, example, seed=0, mesh=mesh, frozen_pattern="",
+      make_optimizer=lambda params: make_optimizer(params)[0])
+  schedule = make_optimizer(state.params)[1]
+  return train_input, built.model, tx, schedule, state
 
 
 def test_train_step_traces_once():
   config = tiny_config()
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  split, model, tx, schedule, state = _train_state(config, mesh)
+  train_input, model, tx, schedule, state = _train_state(config, mesh)
 
   @chex.assert_max_traces(n=1)
   def traced_train_step(state, batch):
@@ -104,23 +103,22 @@ def test_train_step_traces_once():
                             schedule=schedule)
 
   train_fn = steps.shard_over_mesh(traced_train_step, mesh, donate_state=True)
-  sampler = EpochSampler(split.num_examples, config.batch_size, seed=0)
-  batches = feature_pipeline.train_batches(split, sampler, mesh, start_step=0)
+  batches = train_input.iterate(start_step=0)
   for _ in range(4):
-    state, _ = train_fn(state, next(batches))
+    state, _ = train_fn(state, next(batches).arrays)
   assert int(state.step) == 4
 
 
 def test_nonfinite_batch_skips_the_update():
   config = tiny_config()
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  split, model, tx, schedule, state = _train_state(config, mesh)
+  train_input, model, tx, schedule, state = _train_state(config, mesh)
   before = jax.device_get(state.params)
-  batch = split.take(np.arange(config.batch_size))
+  batch, _ = train_input.local_batch(0)
   batch["speech"][3, 0] = np.nan
   train_fn = steps.shard_over_mesh(
       functools.partial(steps.train_step, model=model, tx=tx, loss_kind="softmax"), mesh)
-  state, metrics = train_fn(state, feature_pipeline.to_global_batch(batch, mesh))
+  state, metrics = train_fn(state, train_input.to_global(batch))
   assert not np.isfinite(metrics["train/loss"])
   assert int(state.nonfinite_steps) == 1 and int(state.step) == 1
   chex.assert_trees_all_equal(jax.device_get(state.params), before)
