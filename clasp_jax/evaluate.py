@@ -86,6 +86,9 @@ _TEXT_PREPARATION = FLAGS.DEFINE_enum(
 _TRANSCRIPTS = FLAGS.DEFINE_string(
     "transcripts", None, "With --baseline=asr: also write ID<TAB>TRANSCRIPT<TAB>TEXT lines here.")
 _OUTPUT = FLAGS.DEFINE_string("output", None, "JSON file to write every metric to.")
+_SAVE_EMBEDDINGS = FLAGS.DEFINE_string(
+    "save_embeddings", None, "Also write the scored embeddings and labels to this .npz "
+    "(--embeddings reads it back).")
 _PROTOCOL = FLAGS.DEFINE_enum(
     "protocol", "hard", protocols.PROTOCOLS,
     "hard: rank against the whole corpus; soft: rank among --num_candidates candidates.")
@@ -169,6 +172,26 @@ def _embed_from_workdir() -> dict[str, np.ndarray]:
   logging.info("embedded %d pairs with the checkpoint of step %d", len(arrays["speech"]), step)
   _RUN_INFO["settings/checkpoint_step"] = step
   return arrays
+
+
+def _workdir_cascade(reference: dict[str, np.ndarray]
+                     ) -> tuple[dict[str, np.ndarray], float] | None:
+  """The ASR cascade of the workdir's own model when it has a CTC head: its greedy transcript
+  of each clip, embedded by the same text tower as the references (the paper's baseline, side
+  by side with the model itself), and the character error rate. None without a CTC head."""
+  from clasp_jax.inference import workdir as inference
+  from clasp_jax.models import clasp
+  from clasp_jax.trainer.checkpointing import parse_checkpoint_choice
+  trained = inference.load_trained(_WORKDIR.value, features_dir=_FEATURES.value,
+                                   checkpoint=parse_checkpoint_choice(_CHECKPOINT.value))
+  if not trained.ctc_vocabulary or trained.built.text_tower is None:
+    return None
+  logging.info("ASR cascade: transcribing the %s split with the CTC head", _SPLIT.value)
+  transcripts, references = trained.transcribe_split(_SPLIT.value)
+  cer = inference.character_error_rate(transcripts, [clasp.ctc_text(r) for r in references])
+  cascade = dict(reference)
+  cascade["speech"] = trained.built.text_tower.embed(transcripts)
+  return cascade, cer
 
 
 def _embed_asr_cascade() -> dict[str, np.ndarray]:
@@ -259,6 +282,7 @@ def main() -> None:
   if _CANDIDATES.value and _PROTOCOL.value != "soft":
     raise cli.FlagError("--candidates needs --protocol=soft")
   started = time.perf_counter()
+  cascade = None
   _RUN_INFO.clear()  # A second run in one process reports its own checkpoint.
   protocol = _protocol()
   blocking = _blocking()
@@ -267,8 +291,15 @@ def main() -> None:
     arrays = load_embeddings(_EMBEDDINGS.value)
   elif _WORKDIR.value:
     arrays = _embed_from_workdir()
+    cascade = _workdir_cascade(arrays)
   else:
     arrays = _embed_asr_cascade()
+  if _SAVE_EMBEDDINGS.value:
+    try:
+      np.savez(_SAVE_EMBEDDINGS.value, **arrays)
+    except OSError as error:
+      raise cli.UsageError(f"--save_embeddings: cannot write {_SAVE_EMBEDDINGS.value}: "
+                           f"{error}") from None
   # The arrays were just made for this run, so they are normalised where they lie.
   corpus = protocols.Corpus.from_mapping(arrays, normalize=_NORMALIZE.value, in_place=True,
                                          strict=True)
@@ -280,6 +311,14 @@ def main() -> None:
   metrics = protocols.evaluate(corpus, protocol, blocking=blocking, candidates=candidates,
                                progress=lambda line: logging.info("%s", line))
   output = dict(metrics)
+  if cascade is not None:
+    cascade_arrays, cer = cascade
+    cascade_corpus = protocols.Corpus.from_mapping(cascade_arrays, normalize=_NORMALIZE.value,
+                                                   in_place=True, strict=True)
+    cascade_metrics = protocols.evaluate(cascade_corpus, protocol, blocking=blocking,
+                                         candidates=candidates)
+    output.update({f"asr_cascade/{name}": value for name, value in cascade_metrics.items()})
+    output["asr_cascade/character_error_rate"] = cer
   output.update(_settings(protocol, corpus))
   try:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
@@ -294,7 +333,12 @@ def main() -> None:
             f"mrr {metrics[f'{direction}/mrr']:.4f}  "
             f"mean rank {metrics[f'{direction}/mean_rank']:.2f}  "
             f"({int(metrics[f'{direction}/num_queries'])} queries)")
-  print(f"wrote {len(metrics)} metrics to {_OUTPUT.value} in "
+  if cascade is not None:
+    print(f"asr_cascade speech_to_text: hits@{first_k} "
+          f"{output[f'asr_cascade/speech_to_text/hits@{first_k}']:.4f}  "
+          f"mrr {output['asr_cascade/speech_to_text/mrr']:.4f}  "
+          f"character error rate {output['asr_cascade/character_error_rate']:.4f}")
+  print(f"wrote {len(output)} metrics to {_OUTPUT.value} in "
         f"{time.perf_counter() - started:.1f} s")
 
 

@@ -59,8 +59,13 @@ def main() -> None:
     import jax
     jax.distributed.initialize()
   from clasp_jax.trainer import trainer  # Imported after initialize(): it touches jax.devices().
+  from clasp_jax.trainer import embedded
   config = _CONFIG.value or _config_from_workdir(_WORKDIR.value)
-  trainer.train_and_evaluate(config, _WORKDIR.value)
+  if embedded.wants_corpus(config):
+    # The embedded default: make the corpus, train, and report on the test split.
+    embedded.run(config, _WORKDIR.value)
+  else:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 from tensorflow_datasets.core import utils as tfds_utils
 
 from clasp_jax.data import audio_io
@@ -256,6 +257,10 @@ def build_dataset(examples: Sequence[SourceExample], data_dir: str, options: Bui
       "limits": dataclasses.asdict(options.limits),
   })
   with tempfile.TemporaryDirectory(prefix="clasp_tfds_downloads_") as download_dir:
+    # TFDS orders each split in a memory buffer and spills it to disk through TensorFlow,
+    # which is not installed, once it holds more than 1 GB (~9 h of 16 kHz int16 audio).
+    # Splits of that size fit in memory well enough; only beyond 16 GB does TFDS spill.
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(tfds_shuffle.MAX_MEM_BUFFER_SIZE, 16 << 30)
     builder.download_and_prepare(download_dir=download_dir)
   # Counts are final only now; rewrite the metadata TFDS saved after the last split.
   summary = policy.summary()

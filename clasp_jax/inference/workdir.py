@@ -16,6 +16,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -140,6 +141,63 @@ class TrainedModel:
                                         text_encoder=self.built.text_encoder)
     return split_embedding.embed_split(self.predict_fn, _VariablesState(self.variables),
                                        split_pipeline)
+
+  # -------------------------------------------------------------- The auxiliary CTC head.
+
+  @property
+  def ctc_vocabulary(self) -> str:
+    """The characters of the model's CTC head ('' when it has none)."""
+    return str(self.config.model.speech.get("ctc_vocabulary", "") or "")
+
+  @functools.cached_property
+  def _ctc_ids_fn(self):
+    model = self.built.model
+
+    def greedy(variables, batch):
+      _, _, out = model.apply(variables, batch, train=False)
+      return jnp.argmax(out["ctc/logits"], axis=-1), out["ssl/frame_mask"]
+
+    return jax.jit(greedy)
+
+  def transcribe_split(self, split: str, *, batch_size: int = 0
+                       ) -> tuple[list[str], list[str]]:
+    """(greedy CTC transcripts, reference sentences) of every clip of `split`, in the
+    evaluators' order (one process)."""
+    vocabulary = self.ctc_vocabulary
+    if not vocabulary:
+      raise ValueError(f"{self.workdir} trained no CTC head (config.model.speech.ctc_vocabulary)")
+    tokens = clasp.ctc_tokens(vocabulary)
+    config = self.config.copy_and_resolve_references()
+    batch_size = batch_size or config.eval_batch_size
+    config.eval_batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+    split_pipeline = pipeline.for_split(config, split, mesh=self.mesh, train=False,
+                                        text_encoder=self.built.text_encoder)
+    transcripts, references = [], []
+    for batch in split_pipeline.iterate():
+      ids, frame_mask = jax.device_get(self._ctc_ids_fn(self.variables, batch.arrays))
+      valid = np.asarray(jax.device_get(batch.arrays["valid"]))
+      for row in np.flatnonzero(valid):
+        frames = ids[row][frame_mask[row].astype(bool)]
+        # Greedy CTC: merge repeats, then drop blanks (id 0).
+        merged = [int(t) for i, t in enumerate(frames) if i == 0 or t != frames[i - 1]]
+        transcripts.append(" ".join("".join(tokens[t] for t in merged if t).split()))
+        references.append(str(batch.host["text"][row]))
+    return transcripts, references
+
+
+def character_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+  """Character edits (insertions, deletions, substitutions) over reference characters."""
+  edits = total = 0
+  for hypothesis, reference in zip(hypotheses, references):
+    previous = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, start=1):
+      current = [i] + [0] * len(hypothesis)
+      for j, h in enumerate(hypothesis, start=1):
+        current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h))
+      previous = current
+    edits += previous[-1]
+    total += len(reference)
+  return edits / max(total, 1)
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -184,6 +185,12 @@ def _text_kind_and_encoder(model_config: ml_collections.ConfigDict, precision: s
     return "precomputed", None
   if text.kind not in TEXT_KINDS:
     raise ConfigError(f"config.model.text.kind must be one of {TEXT_KINDS}, got {text.kind!r}")
+  if text.get("precompute", False):
+    # The frozen encoder's embeddings come with the batch (`PrecomputedText`).
+    if text.get("trainable_top_layers", 0):
+      raise ConfigError("config.model.text.precompute needs a frozen text tower "
+                        "(config.model.text.trainable_top_layers=0)")
+    return "precomputed", None
   if text.kind == "precomputed":
     if text.get("encoder"):
       raise ConfigError("config.model.text.encoder is set but config.model.text.kind is "
@@ -277,6 +284,69 @@ def tokenizer_for(tower: text_tower.TextTower) -> TextEncoder:
   return encode
 
 
+class PrecomputedText:
+  """Sentences -> {'text': (n, dim) embeddings of a frozen text tower}, each sentence embedded
+  once: a frozen tower maps a sentence to the same vector at every step, so running it per
+  batch would only repeat work. `cache_file` (an .npz of `sentences` and `embeddings`, e.g.
+  all of a corpus embedded in one pass) seeds the table, so every process that reads it sees
+  the very same vectors. Thread-safe: the input pipeline calls it from its workers.
+  """
+
+  def __init__(self, tower: text_tower.TextTower, cache_file: str = ""):
+    self.tower = tower
+    self.table: dict[str, np.ndarray] = {}
+    self._lock = threading.Lock()
+    if cache_file:
+      try:
+        with np.load(cache_file, allow_pickle=False) as cached:
+          sentences, embeddings = cached["sentences"], cached["embeddings"]
+      except (OSError, KeyError, ValueError) as error:
+        raise ConfigError(f"config.model.text.cache: cannot read {cache_file}: {error}") from None
+      if embeddings.shape[1:] != (tower.embedding_dim,):
+        raise ConfigError(f"config.model.text.cache: {cache_file} holds {embeddings.shape[1:]} "
+                          f"embeddings; the text tower makes {tower.embedding_dim}-d ones")
+      self.table = dict(zip(sentences.tolist(), embeddings.astype(np.float32)))
+
+  def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    texts = list(texts)
+    with self._lock:
+      missing = sorted(set(texts) - set(self.table))
+      if missing:
+        self.table.update(zip(missing, self.tower.embed(missing)))
+      rows = [self.table[text] for text in texts]
+    return {"text": np.stack(rows) if rows else
+            np.zeros((0, self.tower.embedding_dim), np.float32)}
+
+
+def ctc_tokens(vocabulary: str) -> tuple[str, ...]:
+  """The CTC head's outputs for a character vocabulary: 0 is the blank, then one per character."""
+  return ("<pad>",) + tuple(vocabulary)
+
+
+def ctc_text(text: str) -> str:
+  """How a sentence is spelt for the CTC head: lower case, whitespace runs as one space."""
+  return " ".join(text.lower().split())
+
+
+def with_ctc_labels(encoder: TextEncoder | None, vocabulary: str, max_labels: int) -> TextEncoder:
+  """`encoder`'s outputs plus `ctc_labels` (n, max_labels) int32 and `ctc_label_mask`: each
+  sentence's characters (ctc_text) as ids of `ctc_tokens(vocabulary)`, characters outside the
+  vocabulary left out, cut at max_labels."""
+  index = {character: i + 1 for i, character in enumerate(vocabulary)}
+
+  def encode(texts: Sequence[str]) -> dict[str, np.ndarray]:
+    outputs = dict(encoder(texts)) if encoder is not None else {}
+    labels = np.zeros((len(texts), max_labels), np.int32)
+    mask = np.zeros((len(texts), max_labels), bool)
+    for row, text in enumerate(texts):
+      ids = [index[c] for c in ctc_text(text) if c in index][:max_labels]
+      labels[row, :len(ids)], mask[row, :len(ids)] = ids, True
+    outputs.update(ctc_labels=labels, ctc_label_mask=mask)
+    return outputs
+
+  return encode
+
+
 @dataclasses.dataclass
 class BuiltModel:
   """A model from config with what goes with it.
@@ -329,14 +399,24 @@ def build(config: ml_collections.ConfigDict, *, axis_name: str | None = None) ->
     if tower.embedding_dim != config.model.embed_dim:
       raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
                         f"tower's embedding width ({tower.embedding_dim})")
-  model = model_from_config(config.model, config.loss, axis_name=axis_name,
-                            text_encoder=tower.model if tower is not None else None)
+  precompute = tower is not None and bool(text.get("precompute", False))
+  model = model_from_config(
+      config.model, config.loss, axis_name=axis_name,
+      text_encoder=tower.model if tower is not None and not precompute else None)
   pretrained = {}
   ssl_params = speech_tower_lib.load(config)
   if ssl_params is not None:
     pretrained["ssl_encoder"] = ssl_params
-  if tower is not None:
+  if tower is not None and not precompute:
     pretrained["text_encoder"] = tower.params
+  if precompute:
+    text_encoder = PrecomputedText(tower, text.get("cache", ""))
+  else:
+    text_encoder = tokenizer_for(tower) if tower is not None else None
+  speech_config = config.model.speech
+  if speech_config.get("ctc_vocabulary", ""):
+    text_encoder = with_ctc_labels(text_encoder, speech_config.ctc_vocabulary,
+                                   int(speech_config.get("ctc_max_labels", 256)))
   speech = config.model.speech
   if model.speech_kind == "audio":
     speech_description = (f"audio: SSL encoder {speech.checkpoint or 'at random'}, "
@@ -346,8 +426,9 @@ def build(config: ml_collections.ConfigDict, *, axis_name: str | None = None) ->
   text_description = (f"{text.encoder} ({tower.embedding_dim}-d, top "
                       f"{text.get('trainable_top_layers', 0)} layers trainable)"
                       if tower is not None else "precomputed embeddings")
-  return BuiltModel(model=model, pretrained=pretrained,
-                    text_encoder=tokenizer_for(tower) if tower is not None else None,
+  if precompute:
+    text_description += ", frozen: each sentence embedded once"
+  return BuiltModel(model=model, pretrained=pretrained, text_encoder=text_encoder,
                     text_tower=tower, speech_description=speech_description,
                     text_description=text_description, embed_dim=config.model.embed_dim)
 

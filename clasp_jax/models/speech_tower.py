@@ -218,10 +218,13 @@ def settings_from_config(speech: ml_collections.ConfigDict) -> Settings:
         stages=spectrogram_encoder.EFFICIENTNET_B0_STAGES[:num_stages])
   except ValueError as error:
     raise ConfigError(f"config.model.speech.spectrogram: {error}") from None
+  # A character vocabulary (config.model.speech.ctc_vocabulary) sizes the head: blank + chars.
+  vocabulary = speech.get("ctc_vocabulary", "")
+  ctc_vocab_size = len(vocabulary) + 1 if vocabulary else speech.ctc_vocab_size
   try:
     return Settings(ssl=ssl, layer=speech.layer, normalize_audio=normalize_audio,
                     ssl_dropout=speech.ssl_dropout, remat=speech.remat, front_end=front_end,
-                    spectrogram=encoder, ctc_vocab_size=speech.ctc_vocab_size)
+                    spectrogram=encoder, ctc_vocab_size=ctc_vocab_size)
   except ValueError as error:
     raise ConfigError(f"config.model.speech: {error}") from None
 

@@ -31,8 +31,12 @@ def mean_over_devices(tree):
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, loss_kind: str,
                schedule: optax.Schedule | None = None,
-               frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               frozen: Any = None, ctc_weight: float = 0.0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch.
+
+  `ctc_weight` > 0 adds that multiple of the auxiliary CTC loss of the speech tower's
+  per-frame logits against the batch's `ctc_labels` (losses.ctc_loss).
 
   `frozen` (a tree of Python bools like the parameters; None: nothing frozen) splits the
   parameters: only the trainable ones are differentiated, clipped, updated and counted in
@@ -57,11 +61,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     variables = {"params": params, "batch_stats": state.batch_stats}
     (zspeech, ztext, out), updates = model.apply(
         variables, batch, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    loss = losses.contrastive_loss(loss_kind, zspeech, ztext, out, axis_name=AXIS)
-    return loss, (updates["batch_stats"], out)
+    contrastive = losses.contrastive_loss(loss_kind, zspeech, ztext, out, axis_name=AXIS)
+    parts = {"contrastive": contrastive}
+    loss = contrastive
+    if ctc_weight:
+      parts["ctc"] = losses.ctc_loss(out["ctc/logits"], out["ssl/frame_mask"],
+                                     batch["ctc_labels"], batch["ctc_label_mask"])
+      loss = loss + ctc_weight * parts["ctc"]
+    return loss, (updates["batch_stats"], out, parts)
 
-  (loss, (batch_stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  grads, loss = mean_over_devices((grads, loss))
+  (loss, (batch_stats, out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      trainable)
+  grads, loss, parts = mean_over_devices((grads, loss, parts))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # The guards are elementwise selects on a scalar known before the backward pass (the loss)
@@ -86,6 +97,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "train/logit_scale": out["scale"],
       "train/speech_norm": mean_over_devices(out["speech/norm"]),
   }
+  if ctc_weight:
+    metrics.update({f"train/{name}_loss": value for name, value in parts.items()})
   if schedule is not None:
     metrics["train/learning_rate"] = schedule(state.step)
   return new_state, metrics

