@@ -17,6 +17,15 @@ a folder with train/ validation/ test/ feature splits (see clasp_jax/data/featur
   python -m clasp_jax.train --config=configs/base.py:paper,features=/data/clasp_features \
       --workdir=/tmp/clasp_paper
 
+The same recipe end to end from audio (the HuBERT checkpoint frozen, LaBSE frozen and run on
+the sentences, the spectrogram CNN trained), on built datasets (clasp_jax.data.build):
+
+  python -m clasp_jax.train --config=configs/base.py:paper,speech=audio \
+      --config.model.speech.checkpoint=/models/hubert-large-ls960-ft \
+      --config.model.text.encoder=/models/LaBSE \
+      --config.data.datasets=/data/speech_brown,/data/fleurs,/data/common_voice \
+      --workdir=/tmp/clasp_paper_audio
+
 The authors' wav2vec2-base ablation (768-d SSL features; its speech branch is 768 -> 700 ->
 576 -> 768):
 
@@ -220,6 +229,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg.features:
     config.data.kind = "features"
     config.data.directory = arg.features
+
+  if arg.paper and arg.speech == "audio":
+    # The paper recipe end to end from audio: the pretrained SSL encoder
+    # (--config.model.speech.checkpoint=HUBERT_LARGE_LS960_FT_DIR) frozen, as its features
+    # were precomputed; clips peak-normalised as the authors' loader did; frozen LaBSE
+    # (--config.model.text.encoder=LABSE_DIR), each sentence embedded once; built datasets
+    # (--config.data.datasets=SPEECH_BROWN,FLEURS,COMMON_VOICE). The spectrogram CNN trains
+    # (the authors' frozen ImageNet EfficientNet cannot be had offline).
+    config.data.kind = "audio"
+    config.data.datasets = ""
+    config.data.peak_normalize = True
+    config.data.max_duration_s = 15.0
+    config.model.text.kind = "encoder"
+    config.model.text.precompute = True
+    config.model.text.cache = ""
+    config.frozen_params = "^ssl_encoder/"
 
   if arg.speech == "audio":
     # Small random-init towers: a 4-layer 256-wide HuBERT and the 0.5 x 0.5 spectrogram CNN.
