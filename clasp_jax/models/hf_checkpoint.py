@@ -23,6 +23,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from clasp_jax.common import mismatch
+
 Array = np.ndarray
 Converter = Callable[[Array], Array]
 
@@ -35,7 +37,6 @@ _SAFETENSORS_DTYPES = {
 
 # How many names of each kind of problem a message lists: a wrong architecture can miss
 # hundreds of tensors, and the first few already tell what went wrong.
-_LISTED = 8
 
 
 class CheckpointError(ValueError):
@@ -235,14 +236,9 @@ def with_shapes(rules: Iterable[TensorRule], shape_tree: Mapping) -> list[Tensor
   unmapped = sorted("/".join(path) for path in shapes if path not in paths)
   unknown = sorted("/".join(path) for path in paths if path not in shapes)
   if unmapped or unknown:
-    raise AssertionError(f"rule table and model disagree: no rule for {_listing(unmapped)}; "
-                         f"rules for parameters the model lacks: {_listing(unknown)}")
+    raise AssertionError(f"rule table and model disagree: no rule for {mismatch.listing(unmapped)}; "
+                         f"rules for parameters the model lacks: {mismatch.listing(unknown)}")
   return [dataclasses.replace(rule, shape=shapes[rule.flax_path]) for rule in rules]
-
-
-def _listing(items: Sequence[str], separator: str = ", ") -> str:
-  shown = separator.join(items[:_LISTED])
-  return shown + (f"{separator}... ({len(items)} in all)" if len(items) > _LISTED else "")
 
 
 def params_from_tensors(tensors: Mapping[str, Array], rules: Iterable[TensorRule], *,
@@ -285,13 +281,7 @@ def params_from_tensors(tensors: Mapping[str, Array], rules: Iterable[TensorRule
     node[rule.flax_path[-1]] = np.ascontiguousarray(value, dtype=dtype)
   unused = sorted(name for name in tensors
                   if name not in used and not any(pattern.search(name) for pattern in ignore))
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
-  if unused:
-    problems.append(f"{len(unused)} unused tensor(s): {_listing(unused)}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched, '; ')}")
-  if problems:
-    raise CheckpointError(f"{source} does not match {model}: " + "; ".join(problems))
+  found = mismatch.problems(missing, unused, mismatched)
+  if found:
+    raise CheckpointError(f"{source} does not match {model}: " + "; ".join(found))
   return params
