@@ -224,6 +224,21 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 
+def _write_max_length(transformer_dir: str, max_length: int) -> None:
+  """The model truncated sentences at `config.model.text.max_length` tokens, which may be
+  shorter than the source folder's own limit: sentence-transformers must truncate alike."""
+  names = ("sentence_bert_config.json", "sentence_roberta_config.json",
+           "sentence_xlm-roberta_config.json")
+  path = next((os.path.join(transformer_dir, name) for name in names
+               if os.path.isfile(os.path.join(transformer_dir, name))),
+              os.path.join(transformer_dir, names[0]))
+  settings = hf_checkpoint.read_config(transformer_dir, os.path.basename(path),
+                                       required=False) or {}
+  settings["max_seq_length"] = int(max_length)
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=2)
+
+
 def _write_text_encoder(tower, params: dict, folder: str) -> None:
   """The source sentence-transformers folder with the trained weights in place of its own."""
   from clasp_jax.models import bert_checkpoint, sentence_encoder  # pylint: disable=g-import-not-at-top
@@ -236,6 +251,7 @@ def _write_text_encoder(tower, params: dict, folder: str) -> None:
   shutil.copytree(source, folder, ignore=ignore, dirs_exist_ok=True)
   layout = sentence_encoder.read_sentence_transformers_folder(source)
   transformer_dir = os.path.join(folder, os.path.relpath(layout.transformer_dir, source))
+  _write_max_length(transformer_dir, tower.max_length)
   rules = bert_checkpoint.expected_tensors(tower.model.transformer, "")
   _save_safetensors(_hf_tensors(rules, params["transformer"]),
                     os.path.join(transformer_dir, "model.safetensors"), {"format": "pt"})
