@@ -438,8 +438,8 @@ def fusion_name_table(fusion: str) -> list[NameRule]:
   if fusion == "concat":
     sequential("mix_seq", _CONCAT_MIX_LAYERS, "mix")
   else:
-    for side, suffix in (("speech_gate", "text"), ("spectrogram_gate", "image")):
-      for flax_name, torch_name in _GATES.items():
+    for flax_name, torch_name in _GATES.items():  # The authors' module order.
+      for side, suffix in (("speech_gate", "text"), ("spectrogram_gate", "image")):
         linear(f"{torch_name}_{suffix}.0", ("mix", side, flax_name))
     linear("weight.0", ("mix", "mix_weights"))
   return rules
