@@ -8,6 +8,8 @@ code is refused and runs nothing.
 
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import numpy as np
@@ -23,6 +25,7 @@ from clasp_jax.models import speech_tower, wav2vec2  # noqa: E402
 from tests.helpers import torch_fusion, workdirs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags):
@@ -175,3 +178,15 @@ def test_help_exits_0_and_describes_both_directions(capsys):
   assert _run("--help") == 0
   out = capsys.readouterr().out
   assert "--to=torch" in out and "--from=torch" in out and "overwrite" in out
+
+
+def test_a_one_device_process_converts_a_workdir_saved_on_eight(tmp_path):
+  from configs import base
+  workdir = workdirs.write_workdir(base.get_config("tiny"), tmp_path / "wd")
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  process = subprocess.run(
+      [sys.executable, "-m", "clasp_jax.convert", "--to=torch", f"--workdir={workdir}",
+       f"--output={tmp_path / 'torch'}"], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert process.returncode == 0, process.stderr[-2000:]
+  assert "wrote" in process.stdout and (tmp_path / "torch" / "fusion.safetensors").is_file()

@@ -11,6 +11,9 @@ import os
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clasp_jax.common.mesh import data_mesh
 
 from clasp_jax.models import clasp
 from clasp_jax.trainer.checkpointing import Checkpointer
@@ -60,10 +63,12 @@ def write_workdir(config, workdir, *, step=7, seed=0):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
+  # Replicated over every local device, as the trainer saves its state.
+  replicated = NamedSharding(data_mesh(), P())
+  params, batch_stats = jax.device_put((params, variables.get("batch_stats", {})), replicated)
   checkpointer = Checkpointer(str(workdir), every_steps=0, keep=1)
   try:
-    checkpointer.save_best(step, _State(step, params, variables.get("batch_stats", {})),
-                           {"step": step})
+    checkpointer.save_best(step, _State(step, params, batch_stats), {"step": step})
   finally:
     checkpointer.close()
   return workdir
