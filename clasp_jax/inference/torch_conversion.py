@@ -326,20 +326,37 @@ README = """# CLASP model for PyTorch
 Exported by `python -m clasp_jax.convert --to=torch` from {workdir} (step {step}).
 
 ```python
-import numpy as np, clasp_jax.torch as clasp_torch
-model = clasp_torch.load("{folder}")                        # needs clasp_jax[torch]
-speech = model.embed_speech([np.zeros(16000, np.float32)])   # 16 kHz mono clips -> (n, {dim})
-text = model.embed_text(["a spoken sentence"])              # when text_encoder/ is present
-print(speech @ text.T)                                       # cosine similarities
+{code}
 ```
 
 {parts}
 Without clasp_jax: the fusion encoder's state_dict (`fusion.pt`, or `fusion.safetensors`) has
-the authors' tensor names and loads into their classes with `strict=True`; `ssl_encoder/` loads
-with `transformers.AutoModel.from_pretrained`; `text_encoder/` with
+the authors' tensor names and loads into their classes with `strict=True` (joint mode; inputs
+L2-normalised first when clasp.json says `normalize_inputs`); `ssl_encoder/` loads with
+`transformers.AutoModel.from_pretrained`; `text_encoder/` with
 `sentence_transformers.SentenceTransformer`. `clasp.json` holds the settings (fusion kind, mode
 and widths, input normalisation, spectrogram front-end, embedding width, logit scale).
 """
+
+
+def readme_code(folder: str, speech_kind: str, inputs: dict, has_text: bool, dim: int) -> str:
+  """The lines that load and run the exported model, for what it holds."""
+  lines = ["import numpy as np, clasp_jax.torch as clasp_torch",
+           f'model = clasp_torch.load("{folder}")  # needs clasp_jax[torch]']
+  if speech_kind == "audio":
+    lines.append(f"speech = model.embed_speech([np.zeros(16000, np.float32)])  # 16 kHz clips "
+                 f"-> (n, {dim})")
+  else:
+    arguments = ", ".join(f"{name}=np.ones((1, {width}), np.float32)"
+                          for name, width in inputs.items())
+    lines.append(f"speech = model.embed_features({arguments})  # (n, {dim})")
+  if has_text:
+    lines.append('text = model.embed_text(["a spoken sentence"])')
+    lines.append("print(speech @ text.T)  # cosine similarities")
+  else:
+    lines.append("print(speech @ speech.T)  # cosine similarities (text embeddings come from "
+                 "the sentence encoder the data used)")
+  return "\n".join(lines)
 
 
 def export_workdir(workdir: str, output: str, *, checkpoint: int | str = "best",
@@ -393,8 +410,9 @@ def export_workdir(workdir: str, output: str, *, checkpoint: int | str = "best",
   with open(os.path.join(output, SETTINGS_FILE), "w") as f:
     json.dump(settings, f, indent=2)
   with open(os.path.join(output, "README.md"), "w") as f:
-    f.write(README.format(workdir=os.path.abspath(workdir), step=trained.step,
-                          folder=os.path.abspath(output), dim=model.embed_dim,
+    code = readme_code(os.path.abspath(output), model.speech_kind, settings["fusion"]["inputs"],
+                       trained.built.text_tower is not None, model.embed_dim)
+    f.write(README.format(workdir=os.path.abspath(workdir), step=trained.step, code=code,
                           parts="\n".join(parts) + "\n"))
   return settings
 

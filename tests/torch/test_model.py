@@ -82,3 +82,16 @@ def test_without_torch_the_import_error_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # What an environment without torch gives.
   with pytest.raises(ImportError, match=r"install the torch extra"):
     importlib.import_module("clasp_jax.torch")
+
+
+def _readme_code(folder):
+  import re
+  readme = (folder / "README.md").read_text()
+  return re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+
+
+def test_the_folder_readme_runs(tiny_audio_export, capsys):
+  namespace = {}
+  exec(compile(_readme_code(tiny_audio_export), "README.md", "exec"), namespace)
+  assert namespace["speech"].shape == namespace["text"].shape == (1, 16)
+  assert capsys.readouterr().out.strip().startswith("[[")
