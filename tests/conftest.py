@@ -72,3 +72,10 @@ def tiny_audio_export(tmp_path_factory, tiny_audio_workdir):
                       f"--output={output}"])
   assert code == 0
   return output
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_model(tiny_audio_workdir):
+  """`clasp_jax.load(tiny_audio_workdir)`, shared so its jitted functions compile once."""
+  import clasp_jax
+  return clasp_jax.load(tiny_audio_workdir)

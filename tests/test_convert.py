@@ -104,7 +104,8 @@ def test_audio_round_trip_gives_identical_parameters(tiny_audio_workdir, tiny_au
   assert _run("--from=torch", f"--input={tiny_audio_export}", f"--workdir={back_dir}") == 1
 
 
-def test_hugging_face_folders_load_as_they_are_and_match(tiny_audio_workdir, tiny_audio_export):
+def test_hugging_face_folders_load_as_they_are_and_match(tiny_audio_workdir, tiny_audio_export,
+                                                         tiny_audio_model):
   ssl, info = transformers.AutoModel.from_pretrained(tiny_audio_export / "ssl_encoder",
                                                      output_loading_info=True)
   assert type(ssl).__name__ == "HubertModel"
@@ -123,7 +124,7 @@ def test_hugging_face_folders_load_as_they_are_and_match(tiny_audio_workdir, tin
   sentences = ["red cat runs", "the blue bird sings slowly"]
   encoder = sentence_transformers.SentenceTransformer(str(tiny_audio_export / "text_encoder"),
                                                       device="cpu")
-  model = clasp_jax.load(tiny_audio_workdir)
+  model = tiny_audio_model
   np.testing.assert_allclose(encoder.encode(sentences, normalize_embeddings=True),
                              model.embed_text(sentences), atol=1e-5)
 

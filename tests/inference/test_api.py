@@ -39,8 +39,8 @@ def test_the_readme_example_runs(tiny_audio_workdir, tmp_path, monkeypatch, caps
   assert [int(x) for x in re.findall(r"\d+", printed)] == list(scores.argmax(axis=1))
 
 
-def test_paths_and_waveforms_embed_alike_and_similarity_is_cosine(tiny_audio_workdir, tmp_path):
-  model = clasp_jax.load(tiny_audio_workdir)
+def test_paths_and_waveforms_embed_alike_and_similarity_is_cosine(tiny_audio_model, tmp_path):
+  model = tiny_audio_model
   assert model.speech_kind == "audio" and model.embed_dim == 16 and model.step == 7
   clip = (np.round(0.2 * np.sin(np.arange(10_000) / 9.0) * 32768) / 32768).astype(np.float32)
   soundfile.write(tmp_path / "clip.wav", clip, 16_000, subtype="PCM_16")
@@ -50,8 +50,8 @@ def test_paths_and_waveforms_embed_alike_and_similarity_is_cosine(tiny_audio_wor
   np.testing.assert_allclose(model.similarity(a, b), [[24 / 25, -4 / 5]], atol=1e-6)
 
 
-def test_misuse_fails_with_one_clear_message(tiny_audio_workdir, tmp_path):
-  model = clasp_jax.load(tiny_audio_workdir)
+def test_misuse_fails_with_one_clear_message(tiny_audio_model, tmp_path):
+  model = tiny_audio_model
   with pytest.raises(TypeError, match="list of paths or waveforms"):
     model.embed_speech("clip.wav")
   with pytest.raises(TypeError, match="list of sentences"):

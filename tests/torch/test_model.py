@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("sentence_transformers")
 
-import clasp_jax  # noqa: E402
 import clasp_jax.torch as clasp_torch  # noqa: E402
 from clasp_jax.models import spectrogram  # noqa: E402
 
@@ -30,21 +29,21 @@ def _clips(lengths, seed=0):
   return clips
 
 
-def test_whole_forward_from_waveform_equals_the_flax_model(tiny_audio_workdir, tiny_audio_export):
+def test_whole_forward_from_waveform_equals_the_flax_model(tiny_audio_model, tiny_audio_export):
   # Lengths below, at and beyond the 1 s the model crops to, padded together on the Flax side.
   clips = _clips([4_000, 9_317, 16_000, 21_000])
   theirs = clasp_torch.load(tiny_audio_export).embed_speech(clips)
-  ours = clasp_jax.load(tiny_audio_workdir).embed_speech(clips)
+  ours = tiny_audio_model.embed_speech(clips)
   assert theirs.shape == ours.shape == (4, 16)
   np.testing.assert_allclose(np.linalg.norm(theirs, axis=1), 1.0, atol=1e-6)
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
   assert np.abs(ours[0] - ours[1]).max() > 1e-2  # Different clips, different rows.
 
 
-def test_text_tower_equals_the_flax_one(tiny_audio_workdir, tiny_audio_export):
+def test_text_tower_equals_the_flax_one(tiny_audio_model, tiny_audio_export):
   sentences = ["red cat runs", "the small green bird sings here today and now slowly"]
   theirs = clasp_torch.load(tiny_audio_export).embed_text(sentences)
-  ours = clasp_jax.load(tiny_audio_workdir).embed_text(sentences)
+  ours = tiny_audio_model.embed_text(sentences)
   np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
