@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from absl import logging
@@ -25,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from clasp_jax.common import cli
 from clasp_jax.data import audio_io
 from clasp_jax.data import bad_input
 from clasp_jax.data import splits
