@@ -52,7 +52,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.total_steps > 0 or config.num_epochs > 0,
        "set config.total_steps or config.num_epochs above 0"),
       (config.log_every_steps > 0, "config.log_every_steps must be positive"),
-      (not config.loss.get("ctc_weight", 0.0) or config.model.speech.get("ctc_vocabulary", ""),
+      # The embedded default (config.data.corpus) takes its characters from the corpus.
+      (not config.loss.get("ctc_weight", 0.0) or config.model.speech.get("ctc_vocabulary", "")
+       or config.data.get("corpus", None),
        "config.loss.ctc_weight > 0 needs a CTC head: set config.model.speech.ctc_vocabulary "
        "(its characters)"),
   ]
