@@ -52,3 +52,16 @@ def tone_corpus(tmp_path_factory):
   tone per word, so audio-mode models learn it in a few steps; see helpers/corpora.py."""
   from tests.helpers import corpora
   return corpora.build_tone_corpus(str(tmp_path_factory.mktemp("tone_corpus")))
+
+
+@pytest.fixture
+def browser(tmp_path):
+  """Headless Chromium with one page, driven over DevTools (tests/helpers/devtools.py);
+  skips the test when Chromium is not installed."""
+  from tests.helpers import devtools
+  binary = devtools.find_chromium()
+  if binary is None:
+    pytest.skip("needs Chromium for the browser test (Debian: apt-get install chromium)")
+  browser = devtools.DevTools(binary, tmp_path / "profile", tmp_path / "chromium.log")
+  yield browser
+  browser.close()
