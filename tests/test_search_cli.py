@@ -31,7 +31,7 @@ from tests.helpers import audio_workdir
 from tests.helpers.devtools import AUDIO_DURATION, HITS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_STEPS = 40
+TRAIN_STEPS = 24
 FIRST_BATCH = 24  # Test clips in the archive at first; the rest arrive later.
 
 
@@ -128,7 +128,8 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
   assert step == TRAIN_STEPS
   scores = embeddings["text"] @ embeddings["speech"].T  # (texts, d) @ (d, clips) -> (texts, clips)
   ranked_first = np.flatnonzero(scores.argmax(axis=1) == np.arange(len(scores)))
-  assert len(ranked_first) >= 4, "the tiny model should rank some sentences first"
+  # 24 steps rank only a few sentences first; the whole-list check below covers the rest.
+  assert len(ranked_first) >= 1, "the tiny model should rank some sentence first"
 
   queries = tmp_path / "queries.txt"
   queries.write_text("".join(text + "\n" for _, text in test_clips))
@@ -140,12 +141,15 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
   names = [os.path.basename(path) for path, _ in test_clips]
   for number in ranked_first:
     assert os.path.basename(answers[number]["results"][0]["path"]) == names[number]
-  for number, answer in enumerate(answers):  # Every list is the evaluator's order.
-    best = np.argsort(-scores[number], kind="stable")[:3]
-    ranks = [os.path.basename(hit["path"]) for hit in answer["results"]]
-    clear = scores[number, best[0]] - scores[number, best[1]] > 1e-3
-    if clear:
-      assert ranks[0] == names[best[0]], number
+  for number, answer in enumerate(answers):  # Every list is in the evaluator's order...
+    order = np.argsort(-scores[number], kind="stable")[:4]
+    found = [os.path.basename(hit["path"]) for hit in answer["results"]]
+    for place in range(3):  # ...wherever its scores are not within rounding of each other.
+      if scores[number, order[place]] - scores[number, order[place + 1]] < 1e-3:
+        break
+      assert found[place] == names[order[place]], (number, place)
+    np.testing.assert_allclose([hit["score"] for hit in answer["results"]],
+                               scores[number, order[:3]], atol=1e-4)
     assert [hit["rank"] for hit in answer["results"]] == [1, 2, 3]
     assert answer["model"] == {"workdir": workdir, "step": TRAIN_STEPS}
 
@@ -161,7 +165,7 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
   rank, score, path = lines[0].split()[:3]
   assert rank == "1" and os.path.basename(path) == names[sentence_number]
   assert float(score) == pytest.approx(answers[sentence_number]["results"][0]["score"],
-                                       abs=1e-5)
+                                       abs=6e-5)  # Printed to 4 decimals.
 
   # A recording finds itself first.
   code, out, err = run_command("query", [f"--index={index_folder}", "--json", "-k", "1",
