@@ -77,9 +77,24 @@ class Checkpointer:
     'latest', or a step number (a regular checkpoint, or the best one).
     """
     manager, chosen = self.resolve(step)
-    restored = manager.restore(
-        chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                        record=ocp.args.JsonRestore()))
+    # Onto this process's first device, whatever topology wrote it: without a target Orbax
+    # restores the saved sharding and refuses a different device count, and a workdir trained
+    # on 8 devices or a pod is read for inference or conversion on one machine. The state's
+    # metadata needs the handlers named up front.
+    reader = ocp.CheckpointManager(
+        manager.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                          "record": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False))
+    try:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                              sharding=device),
+                            reader.item_metadata(chosen)["state"])
+      restored = reader.restore(
+          chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                          record=ocp.args.JsonRestore()))
+    finally:
+      reader.close()
     return restored["state"], dict(restored["record"])
 
   def resolve(self, step: int | str | None) -> tuple[ocp.CheckpointManager, int]:
