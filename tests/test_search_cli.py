@@ -128,8 +128,8 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
   assert step == TRAIN_STEPS
   scores = embeddings["text"] @ embeddings["speech"].T  # (texts, d) @ (d, clips) -> (texts, clips)
   ranked_first = np.flatnonzero(scores.argmax(axis=1) == np.arange(len(scores)))
-  # 24 steps rank only a few sentences first; the whole-list check below covers the rest.
-  assert len(ranked_first) >= 1, "the tiny model should rank some sentence first"
+  # A few dozen steps rank only a few sentences first (sometimes none); the check of every
+  # query's list against the evaluator's scores below is what keeps this test from passing idly.
 
   queries = tmp_path / "queries.txt"
   queries.write_text("".join(text + "\n" for _, text in test_clips))
@@ -141,6 +141,7 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
   names = [os.path.basename(path) for path, _ in test_clips]
   for number in ranked_first:
     assert os.path.basename(answers[number]["results"][0]["path"]) == names[number]
+  compared = 0
   for number, answer in enumerate(answers):  # Every list is in the evaluator's order...
     order = np.argsort(-scores[number], kind="stable")[:4]
     found = [os.path.basename(hit["path"]) for hit in answer["results"]]
@@ -148,13 +149,16 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
       if scores[number, order[place]] - scores[number, order[place + 1]] < 1e-3:
         break
       assert found[place] == names[order[place]], (number, place)
+      compared += 1
     np.testing.assert_allclose([hit["score"] for hit in answer["results"]],
                                scores[number, order[:3]], atol=1e-4)
     assert [hit["rank"] for hit in answer["results"]] == [1, 2, 3]
     assert answer["model"] == {"workdir": workdir, "step": TRAIN_STEPS}
+  assert compared >= len(test_clips), compared  # Most places were clear enough to compare.
 
   # The real entry point, with a sentence in the command line and text output.
-  sentence_number = int(ranked_first[0])
+  sentence_number = int(ranked_first[0]) if len(ranked_first) else 0
+  expected_first = os.path.basename(answers[sentence_number]["results"][0]["path"])
   process = subprocess.run(
       [sys.executable, "-m", "clasp_jax.search", "query", f"--index={index_folder}",
        test_clips[sentence_number][1], "-k", "2"],
@@ -163,7 +167,7 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
   lines = process.stdout.splitlines()
   assert len(lines) == 2
   rank, score, path = lines[0].split()[:3]
-  assert rank == "1" and os.path.basename(path) == names[sentence_number]
+  assert rank == "1" and os.path.basename(path) == expected_first
   assert float(score) == pytest.approx(answers[sentence_number]["results"][0]["score"],
                                        abs=6e-5)  # Printed to 4 decimals.
 
