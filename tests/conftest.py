@@ -79,3 +79,16 @@ def tiny_audio_model(tiny_audio_workdir):
   """`clasp_jax.load(tiny_audio_workdir)`, shared so its jitted functions compile once."""
   import clasp_jax
   return clasp_jax.load(tiny_audio_workdir)
+
+
+@pytest.fixture
+def browser(tmp_path):
+  """Headless Chromium with one page, driven over DevTools (tests/helpers/devtools.py);
+  skips the test when Chromium is not installed."""
+  from tests.helpers import devtools
+  binary = devtools.find_chromium()
+  if binary is None:
+    pytest.skip("needs Chromium for the browser test (Debian: apt-get install chromium)")
+  browser = devtools.DevTools(binary, tmp_path / "profile", tmp_path / "chromium.log")
+  yield browser
+  browser.close()
