@@ -92,3 +92,15 @@ def browser(tmp_path):
   browser = devtools.DevTools(binary, tmp_path / "profile", tmp_path / "chromium.log")
   yield browser
   browser.close()
+
+
+@pytest.fixture(scope="session")
+def trained_audio_workdir(tmp_path_factory, tone_corpus, labse_like_dir):
+  """(workdir, config) of one tiny audio-mode run on the tone corpus (24 steps; evaluated and
+  checkpointed at 12 and 24; helpers/audio_workdir.py), trained once and shared read-only."""
+  from clasp_jax.trainer import trainer
+  from tests.helpers import audio_workdir
+  workdir = tmp_path_factory.mktemp("trained_audio")
+  config = audio_workdir.audio_config(tone_corpus, labse_like_dir, total_steps=24)
+  trainer.train_and_evaluate(config, str(workdir))
+  return workdir, config

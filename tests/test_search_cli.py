@@ -25,23 +25,27 @@ from clasp_jax.data import reader
 from clasp_jax.inference import archive_search
 from clasp_jax.inference import workdir as inference
 from clasp_jax.retrieval import search_index
-from clasp_jax.trainer import trainer
+from clasp_jax.trainer.checkpointing import Checkpointer
 from configs import base
-from tests.helpers import audio_workdir
 from tests.helpers.devtools import AUDIO_DURATION, HITS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_STEPS = 24
 FIRST_BATCH = 24  # Test clips in the archive at first; the rest arrive later.
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tone_corpus, labse_like_dir):
-  folder = tmp_path_factory.mktemp("search_run")
-  config = audio_workdir.audio_config(tone_corpus, labse_like_dir, total_steps=TRAIN_STEPS)
-  config.eval_every_steps = config.checkpoint_every_steps = TRAIN_STEPS  # Only what we use.
-  trainer.train_and_evaluate(config, str(folder))
-  return str(folder)
+def workdir(trained_audio_workdir):
+  return str(trained_audio_workdir[0])
+
+
+@pytest.fixture(scope="module")
+def best_step(workdir):
+  """The step the commands use by default (--checkpoint=best)."""
+  checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
+  try:
+    return checkpointer.best_step()
+  finally:
+    checkpointer.close()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,7 @@ def archive(tmp_path_factory, workdir, test_clips):
   return index, str(audio), logs, first_rows
 
 
-def test_index_grows_by_the_new_files_only(archive, test_clips, workdir):
+def test_index_grows_by_the_new_files_only(archive, test_clips, workdir, best_step):
   index_folder, audio, logs, first_rows = archive
   (code, _, err), (code2, _, err2) = logs
   assert code == 0, err
@@ -111,7 +115,7 @@ def test_index_grows_by_the_new_files_only(archive, test_clips, workdir):
   assert "1 unreadable" in err2
 
   index = search_index.SearchIndex.load(index_folder)
-  assert index.model == search_index.ModelInfo(workdir, TRAIN_STEPS)
+  assert index.model == search_index.ModelInfo(workdir, best_step)
   assert sorted(os.path.basename(e.path) for e in index.entries) == sorted(
       os.path.basename(path) for path, _ in test_clips)
   for entry, row in zip(index.entries, index.embeddings):
@@ -121,11 +125,11 @@ def test_index_grows_by_the_new_files_only(archive, test_clips, workdir):
   assert {os.path.basename(e.path): e.transcript for e in index.entries if e.transcript} == said
 
 
-def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
+def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir, best_step,
                                                  tmp_path):
   index_folder = archive[0]
   embeddings, step = inference.embed_workdir_split(workdir, "test")
-  assert step == TRAIN_STEPS
+  assert step == best_step
   scores = embeddings["text"] @ embeddings["speech"].T  # (texts, d) @ (d, clips) -> (texts, clips)
   ranked_first = np.flatnonzero(scores.argmax(axis=1) == np.arange(len(scores)))
   # A few dozen steps rank only a few sentences first (sometimes none); the check of every
@@ -153,7 +157,7 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir,
     np.testing.assert_allclose([hit["score"] for hit in answer["results"]],
                                scores[number, order[:3]], atol=1e-4)
     assert [hit["rank"] for hit in answer["results"]] == [1, 2, 3]
-    assert answer["model"] == {"workdir": workdir, "step": TRAIN_STEPS}
+    assert answer["model"] == {"workdir": workdir, "step": best_step}
   assert compared >= len(test_clips), compared  # Most places were clear enough to compare.
 
   # The real entry point, with a sentence in the command line and text output.

@@ -35,11 +35,8 @@ def _jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tone_corpus, labse_like_dir):
-  workdir = tmp_path_factory.mktemp("audio_run")
-  config = audio_config(tone_corpus, labse_like_dir)
-  trainer.train_and_evaluate(config, str(workdir))
-  return workdir, config
+def trained(trained_audio_workdir):
+  return trained_audio_workdir
 
 
 def _params(workdir, step):
