@@ -142,14 +142,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.text.preparation = "as_is"
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.kind = "softmax"  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP)
+  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP) | 'sigmoid_chunked' (SigLIP whose text chunks
+  # travel around the devices instead of being gathered: the same loss in less memory).
+  config.loss.kind = "softmax"
   config.loss.learn_scale = True
   config.loss.scale_init = 1 / 0.07
   config.loss.max_scale = 100.0
   config.loss.bias_init = -10.0  # sigmoid only
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"  # 'adam' | 'adamw'
+  config.optimizer.name = "adamw"  # 'adam' | 'adamw' | 'sgd' (momentum b1)
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
   config.optimizer.b1 = 0.9
@@ -167,6 +169,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.frozen_params = ""
 
   config.batch_size = 128  # Global, over all devices and processes.
+  # > 1: each step runs the batch as this many micro-batches (GradCache: the loss still
+  # spans the whole batch, activations are held per micro-batch). BatchNorm then normalises
+  # per micro-batch; see trainer/steps.py:accumulated_train_step.
+  config.accumulation_steps = 1
   config.eval_batch_size = 128
   config.total_steps = 800
   config.num_epochs = 0  # When > 0, overrides total_steps.

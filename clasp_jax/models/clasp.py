@@ -152,16 +152,20 @@ class ClaspModel(nn.Module):
     """L2-normalised text embeddings (batch, embed_dim) from the text side of `batch`."""
     return l2_normalize(self._text_embedding(batch, train))
 
-  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
-    speech_embedding, diagnostics = self._speech_embedding(batch, train)
-    zspeech = l2_normalize(speech_embedding)
-    ztext = l2_normalize(self._text_embedding(batch, train))
-
+  def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
+    """The loss's logit scale and bias (a loss over cached embeddings reads them here)."""
     if self.learn_scale:
       scale = jnp.minimum(jnp.exp(self.logit_scale), self.max_scale)
     else:
       scale = jnp.asarray(self.scale_init, jnp.float32)
     bias = self.logit_bias if self.use_bias else jnp.zeros((), jnp.float32)
+    return scale, bias
+
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
+    speech_embedding, diagnostics = self._speech_embedding(batch, train)
+    zspeech = l2_normalize(speech_embedding)
+    ztext = l2_normalize(self._text_embedding(batch, train))
+    scale, bias = self.scale_and_bias()
 
     out = {
         "scale": scale,
@@ -233,7 +237,7 @@ def model_from_config(model_config: ml_collections.ConfigDict,
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,
-      use_bias=loss_config.kind == "sigmoid",
+      use_bias=loss_config.kind in ("sigmoid", "sigmoid_chunked"),
       bias_init=loss_config.bias_init,
       axis_name=axis_name,
       text_encoder=text_module,

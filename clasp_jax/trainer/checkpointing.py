@@ -77,8 +77,11 @@ class Checkpointer:
     'latest', or a step number (a regular checkpoint, or the best one).
     """
     manager, chosen = self.resolve(step)
+    # The saved shardings name the devices of the run that wrote it; a pod's or another
+    # process count's devices do not exist here, so arrays they name land on a local device.
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = manager.restore(
-        chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+        chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=fallback),
                                         record=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["record"])
 
