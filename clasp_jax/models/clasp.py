@@ -81,6 +81,9 @@ class ClaspModel(nn.Module):
   speech_branch_hidden: tuple[int, ...] = ()
   spectrogram_branch_hidden: tuple[int, ...] = ()
   normalize_inputs: bool = False
+  # Activation dtype of the speech and text towers; their parameters stay float32, and the
+  # fusion encoder, its BatchNorm and the loss compute in float32.
+  dtype: Any = jnp.float32
 
   @property
   def resolved_text_kind(self) -> str:
@@ -108,7 +111,7 @@ class ClaspModel(nn.Module):
     if self.speech_kind == "audio":
       self.audio_tower = speech_tower_lib.AudioSpeechTower(
           self.speech_tower or speech_tower_lib.Settings(), mode=self.mode,
-          axis_name=self.axis_name, precision=self.precision)
+          axis_name=self.axis_name, precision=self.precision, dtype=self.dtype)
       # The tower's encoders become top-level parameters ('ssl_encoder', ...), beside
       # 'speech_encoder': one name per pretrained tower for loading and freezing.
       nn.share_scope(self, self.audio_tower)
@@ -132,8 +135,9 @@ class ClaspModel(nn.Module):
       diagnostics["ssl/pooled"] = tower_out["speech"]
     if "spectrogram" in tower_out:
       diagnostics["spectrogram/features"] = tower_out["spectrogram"]
-    embedding = self.speech_encoder(tower_out.get("speech"), tower_out.get("spectrogram"),
-                                    train=train)
+    as_float32 = lambda x: None if x is None else x.astype(jnp.float32)
+    embedding = self.speech_encoder(as_float32(tower_out.get("speech")),
+                                    as_float32(tower_out.get("spectrogram")), train=train)
     return embedding, diagnostics
 
   def _text_embedding(self, batch: Mapping[str, jax.Array], train: bool) -> jax.Array:
@@ -176,6 +180,18 @@ class ClaspModel(nn.Module):
     return zspeech, ztext, out
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
+  """`config.model.dtype` as a dtype (configs written before the field: float32)."""
+  name = model_config.get("dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.model.dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                      f"got {name!r}")
+  return COMPUTE_DTYPES[name]
+
+
 def _text_kind_and_encoder(model_config: ml_collections.ConfigDict, precision: str,
                            text_encoder: nn.Module | None) -> tuple[str, nn.Module | None]:
   """Which text tower `model_config.text` names, and its module (built from the folder's
@@ -197,7 +213,8 @@ def _text_kind_and_encoder(model_config: ml_collections.ConfigDict, precision: s
     raise ConfigError("config.model.text.kind='encoder' needs config.model.text.encoder "
                       "(a sentence-transformers folder)")
   try:
-    return "encoder", text_tower.module_from_folder(text.encoder, precision=precision)
+    return "encoder", text_tower.module_from_folder(text.encoder, precision=precision,
+                                                    dtype=compute_dtype(model_config))
   except (OSError, ValueError) as error:
     raise ConfigError(f"config.model.text.encoder: {error}") from None
 
@@ -244,6 +261,7 @@ def model_from_config(model_config: ml_collections.ConfigDict,
       speech_kind=speech_kind,
       speech_tower=settings,
       text_kind=text_kind,
+      dtype=compute_dtype(model_config),
   )
 
 
@@ -329,7 +347,8 @@ def build(config: ml_collections.ConfigDict, *, axis_name: str | None = None) ->
   text = config.model.text
   tower = None
   if text.kind == "encoder":
-    tower = text_tower.load(text.encoder, max_length=text.get("max_length", 0) or None)
+    tower = text_tower.load(text.encoder, max_length=text.get("max_length", 0) or None,
+                            dtype=compute_dtype(config.model))
     if tower.embedding_dim != config.model.embed_dim:
       raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
                         f"tower's embedding width ({tower.embedding_dim})")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -72,10 +72,9 @@ def _format_duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _write_text(path: str, text: str) -> None:
+def _write_text(path: epath.Path, text: str) -> None:
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(text)
+    path.write_text(text)
 
 
 def _data_record(config: ml_collections.ConfigDict, num_train: int) -> dict:
@@ -88,7 +87,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = upgrade_config(config)
   mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
   validate_config(config, mesh.size)
-  os.makedirs(workdir, exist_ok=True)
+  # epath: a workdir may be local or on Cloud Storage (gs://...), the same code for both.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info("mesh: %d devices (%s) over %d processes", mesh.size, jax.devices()[0].platform,
                jax.process_count())
 
@@ -123,8 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           config, params, total_steps=total_steps, steps_per_epoch=steps_per_epoch)[0])
   schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
                                           steps_per_epoch=steps_per_epoch)
-  _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
-  _write_text(os.path.join(workdir, "parameters.txt"),
+  _write_text(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2) + "\n")
+  _write_text(epath.Path(workdir) / "parameters.txt",
               optim.parameter_overview(state.params, frozen))
 
   # ---------------------------------------------------------------- Checkpoint restore.
