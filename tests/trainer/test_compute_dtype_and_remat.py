@@ -66,7 +66,7 @@ def test_bfloat16_towers_keep_float32_parameters_gradients_and_loss(batch):
   # loss moves more: a random tower embeds every clip alike, and the scale of 14 magnifies
   # their small differences.)
   cosines = np.sum(np.asarray(zspeech_16) * np.asarray(zspeech_32), axis=-1)
-  assert np.all(cosines > 0.99) and not np.array_equal(zspeech_16, zspeech_32), cosines
+  assert np.all(cosines > 0.98) and not np.array_equal(zspeech_16, zspeech_32), cosines
   np.testing.assert_allclose(loss_16, loss_32, rtol=0.1)
   ssl_32 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_32["ssl_encoder"])])
   ssl_16 = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_16["ssl_encoder"])])
