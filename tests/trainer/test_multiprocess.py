@@ -138,8 +138,10 @@ def test_two_processes_equal_one_and_survive_a_death(tmp_path, launched):
   chex.assert_trees_all_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-AUDIO_STEPS = 4
+AUDIO_STEPS = 2
 AUDIO_CONFIG = """
+import ml_collections
+
 from configs import base
 
 
@@ -147,8 +149,10 @@ def get_config():
   config = base.get_config("tiny,speech=audio")
   config.data.kind = "audio"
   config.data.datasets = {datasets!r}
-  config.data.max_duration_s = 1.0
-  config.data.length_buckets_s = (0.5,)
+  config.data.max_duration_s = 0.5
+  # Validation loss only: the retrieval evaluators are tested elsewhere, and on 2 shared
+  # cores their compilation would double the test's time.
+  config.evals = ml_collections.ConfigDict()
   config.model.text.kind = "encoder"
   config.model.text.encoder = {encoder!r}
   config.model.text.max_length = 16
