@@ -156,10 +156,10 @@ def test_every_command_follows_the_convention(module_name, capsys):
 
 def test_embed_dispatches_and_refuses_an_unknown_sub_command(capsys):
   assert embed.main(["embed", "--help"]) == 0
-  assert "python -m clasp_jax.embed {speech,text}" in capsys.readouterr().out
+  assert "python -m clasp_jax.embed {clasp,speech,text}" in capsys.readouterr().out
   assert embed.main(["embed", "images"]) == 2
   assert capsys.readouterr().err.strip() == (
-      "error: expected a sub-command, one of speech, text, got 'images' (see --help)")
+      "error: expected a sub-command, one of clasp, speech, text, got 'images' (see --help)")
   assert embed.main(["embed"]) == 2
   assert embed.main(["embed", "text", "--help"]) == 0
   assert "--max_length" in capsys.readouterr().out

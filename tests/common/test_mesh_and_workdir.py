@@ -27,9 +27,11 @@ def test_data_mesh_spans_the_devices_given():
 
 
 def test_read_config_round_trips_and_fails_in_one_type(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps({"batch_size": 8, "data": {"kind": "x"}}))
+  (tmp_path / "config.json").write_text(json.dumps({"batch_size": 8, "data": {"kind": "x"},
+                                                     "model": {}}))
   config = workdir.read_config(tmp_path)
   assert config.batch_size == 8 and config.data.kind == "x"
+  assert config.model.speech.kind == "features"  # Read in today's layout (upgrade_config).
   config.data.kind = "features"  # Evaluation retargets the data of a saved config.
   with pytest.raises(workdir.WorkdirError, match="config.json is missing"):
     workdir.read_config(tmp_path / "nowhere")
@@ -38,4 +40,7 @@ def test_read_config_round_trips_and_fails_in_one_type(tmp_path):
     workdir.read_config(tmp_path)
   (tmp_path / "config.json").write_text("{")
   with pytest.raises(ConfigError, match="not valid JSON"):
+    workdir.read_config(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"batch_size": 8}))
+  with pytest.raises(ConfigError, match="not a CLASP training config"):
     workdir.read_config(tmp_path)

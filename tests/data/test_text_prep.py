@@ -54,7 +54,7 @@ def test_the_pipeline_prepares_sentences_by_source_for_the_text_encoder(source, 
   # The config key as configs/base.py holds it.
   config = ml_collections.ConfigDict({
       "seed": 0, "batch_size": 2, "eval_batch_size": 2, "data": {"kind": "features"},
-      "model": {}, "text": {"encoder": "unused", "preparation": preparation}})
+      "model": {"text": {"encoder": "unused", "preparation": preparation}}})
   batches = pipeline.for_split(config, "test", mesh=None, train=False,
                                text_encoder=text_encoder, source=split)
   batches.local_batch(0)

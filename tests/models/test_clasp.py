@@ -304,7 +304,8 @@ def test_upgrade_config_moves_the_legacy_text_block():
   upgraded = upgrade_config(legacy)
   assert "text" not in upgraded and "text" in legacy  # a copy; the input stays as it was
   assert upgraded.model.text.to_dict() == {"kind": "encoder", "encoder": "/models/LaBSE",
-                                           "trainable_top_layers": 2, "max_length": 32}
+                                           "trainable_top_layers": 2, "max_length": 32,
+                                           "preparation": "as_is"}
   assert upgraded.model.speech.kind == "features"
   assert upgrade_config(_legacy_config("")).model.text.kind == "precomputed"
   # Today's configs pass through unchanged.
