@@ -194,12 +194,12 @@ def main():
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="audio: tower compute dtype (config.model.dtype)")
   args = parser.parse_args()
+  for name in ("steps", "batch_size"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      parser.error(f"--{name} must be at least 1")
   if args.mode == "audio":
     args.steps = args.steps or 10
     args.batch_size = args.batch_size or 8
-    for name in ("steps", "batch_size"):
-      if getattr(args, name) < 1:
-        parser.error(f"--{name} must be at least 1")
     if args.seconds <= 0:
       parser.error("--seconds must be positive")
     run_audio(args)
