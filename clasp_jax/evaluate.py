@@ -50,7 +50,6 @@ from clasp_jax.common import cli
 from clasp_jax.common.config_args import ConfigError
 from clasp_jax.data import text_prep
 from clasp_jax.retrieval import evaluation as protocols
-from clasp_jax.retrieval import metrics as metrics_lib
 from clasp_jax.retrieval import scoring
 
 FLAGS = cli.FlagValues()
@@ -86,38 +85,7 @@ _TEXT_PREPARATION = FLAGS.DEFINE_enum(
 _TRANSCRIPTS = FLAGS.DEFINE_string(
     "transcripts", None, "With --baseline=asr: also write ID<TAB>TRANSCRIPT<TAB>TEXT lines here.")
 _OUTPUT = FLAGS.DEFINE_string("output", None, "JSON file to write every metric to.")
-_PROTOCOL = FLAGS.DEFINE_enum(
-    "protocol", "hard", protocols.PROTOCOLS,
-    "hard: rank against the whole corpus; soft: rank among --num_candidates candidates.")
-_NUM_CANDIDATES = FLAGS.DEFINE_integer(
-    "num_candidates", 100, "Soft protocol: candidates per query, the gold one included.")
-_SEED = FLAGS.DEFINE_integer("seed", 0, "Soft protocol: seed of the random candidates.")
-_CANDIDATES = FLAGS.DEFINE_string(
-    "candidates", None, "Soft protocol: a file whose line i lists the candidate indices of "
-    "query i (spaces or commas, the gold one anywhere, as many on every line), e.g. the "
-    "authors' lists, instead of --num_candidates random ones; both directions use it.")
-_TIES = FLAGS.DEFINE_enum(
-    "ties", metrics_lib.DEFAULT_TIE_RULE, metrics_lib.TIE_RULES,
-    "How a tie with the gold candidate counts. expected: averaged over a random order of the "
-    "tied candidates; paper: the authors' code (HITS@1 = argmax == gold, a tie goes to the "
-    "lower index; ranks count strictly higher scores); optimistic: every tie is won; "
-    "pessimistic: every tie is lost.")
-_THRESHOLD = FLAGS.DEFINE_float(
-    "threshold", None, "Also report the authors' golden accuracy (share of queries whose gold "
-    "score is at least this) and macro / micro precision, recall and F1 of the decisions "
-    "'candidate scores at least this'.")
-_SKIP_TIES = FLAGS.DEFINE_bool(
-    "skip_ties", False, "Leave out queries whose top score ties the gold one with another item "
-    "(the paper's per-source rule); reports num_skipped.")
-_DUPLICATES_AS_HITS = FLAGS.DEFINE_bool(
-    "duplicates_as_hits", False, "A text with the gold text's `text_id` counts as a hit.")
-_BREAKDOWNS = FLAGS.DEFINE_list(
-    "breakdowns", None, "Fields to slice the queries by (category, language, source); default "
-    "every one the file has; empty for none.")
-_CROSS_LINGUAL = FLAGS.DEFINE_list(
-    "cross_lingual", [], "TEXT_LANG:SPEECH_LANG pairs: texts in the first retrieve speech in "
-    "the second and back, paired by `text_id` (needs `language` and `text_id`).")
-_KS = FLAGS.DEFINE_list("ks", ["1", "5", "10"], "The k of HITS@k.")
+protocols.define_protocol_flags(FLAGS)
 _NORMALIZE = FLAGS.DEFINE_bool(
     "normalize", True, "L2-normalise the embeddings first, so scores are cosine similarities.")
 _BLOCK_ROWS = FLAGS.DEFINE_integer(
@@ -200,21 +168,7 @@ def _blocking() -> scoring.Blocking:
 
 
 def _protocol() -> protocols.Protocol:
-  try:
-    ks = tuple(int(k) for k in _KS.value)
-  except ValueError as error:
-    raise protocols.InputError(f"--ks must be integers, got {_KS.value}") from error
-  return protocols.Protocol(
-      kind=_PROTOCOL.value,
-      num_candidates=_NUM_CANDIDATES.value,
-      seed=_SEED.value,
-      skip_ties=_SKIP_TIES.value,
-      duplicates_as_hits=_DUPLICATES_AS_HITS.value,
-      breakdowns=None if _BREAKDOWNS.value is None else tuple(_BREAKDOWNS.value),
-      cross_lingual=protocols.parse_cross_lingual(_CROSS_LINGUAL.value),
-      ks=ks,
-      ties=_TIES.value,
-      threshold=_THRESHOLD.value)
+  return protocols.protocol_from_settings(lambda name: FLAGS[name].value)
 
 
 def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[str, object]:
@@ -241,8 +195,8 @@ def _settings(protocol: protocols.Protocol, corpus: protocols.Corpus) -> dict[st
     settings["settings/text_preparation"] = _TEXT_PREPARATION.value
   if protocol.threshold is not None:
     settings["settings/threshold"] = protocol.threshold
-  if _CANDIDATES.value:
-    settings["settings/candidates"] = os.path.abspath(_CANDIDATES.value)
+  if FLAGS.candidates:
+    settings["settings/candidates"] = os.path.abspath(FLAGS.candidates)
   elif protocol.kind == "soft":
     settings["settings/num_candidates"] = protocol.num_candidates
     settings["settings/seed"] = protocol.seed
@@ -256,7 +210,7 @@ def main() -> None:
     raise cli.FlagError("exactly one of --embeddings, --workdir and --baseline is required")
   if _BASELINE.value and not (_DATA.value and _SPEECH_ENCODER.value and _TEXT_ENCODER.value):
     raise cli.FlagError("--baseline=asr needs --data, --speech_encoder and --text_encoder")
-  if _CANDIDATES.value and _PROTOCOL.value != "soft":
+  if FLAGS.candidates and FLAGS.protocol != "soft":
     raise cli.FlagError("--candidates needs --protocol=soft")
   started = time.perf_counter()
   _RUN_INFO.clear()  # A second run in one process reports its own checkpoint.
@@ -275,8 +229,8 @@ def main() -> None:
   logging.info("%d pairs of dimension %d, %s protocol on %d %s device(s)", corpus.size,
                corpus.zspeech.shape[1], protocol.kind, jax.device_count(),
                jax.default_backend())
-  candidates = (protocols.read_candidates(_CANDIDATES.value, corpus.size)
-                if _CANDIDATES.value else None)
+  candidates = (protocols.read_candidates(FLAGS.candidates, corpus.size)
+                if FLAGS.candidates else None)
   metrics = protocols.evaluate(corpus, protocol, blocking=blocking, candidates=candidates,
                                progress=lambda line: logging.info("%s", line))
   output = dict(metrics)

@@ -52,3 +52,30 @@ def tone_corpus(tmp_path_factory):
   tone per word, so audio-mode models learn it in a few steps; see helpers/corpora.py."""
   from tests.helpers import corpora
   return corpora.build_tone_corpus(str(tmp_path_factory.mktemp("tone_corpus")))
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_workdir(tmp_path_factory, labse_like_dir):
+  """A tiny audio-mode workdir (SSL encoder, spectrogram CNN, concat fusion, LaBSE-like text
+  tower) with perturbed weights as its best checkpoint; see helpers/workdirs.py."""
+  from tests.helpers import workdirs
+  return workdirs.write_workdir(workdirs.tiny_audio_config(labse_like_dir),
+                                tmp_path_factory.mktemp("tiny_audio_workdir"))
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_export(tmp_path_factory, tiny_audio_workdir):
+  """`tiny_audio_workdir` converted by `clasp_jax.convert --to=torch` (run in-process)."""
+  from clasp_jax import convert
+  output = tmp_path_factory.mktemp("tiny_audio_export") / "torch"
+  code = convert.run(["convert", "--to=torch", f"--workdir={tiny_audio_workdir}",
+                      f"--output={output}"])
+  assert code == 0
+  return output
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_model(tiny_audio_workdir):
+  """`clasp_jax.load(tiny_audio_workdir)`, shared so its jitted functions compile once."""
+  import clasp_jax
+  return clasp_jax.load(tiny_audio_workdir)

@@ -221,6 +221,19 @@ class Progress:
   __call__ = update
 
 
+def define_npy_output(flag_values: flags.FlagValues, rows: str, more: str = "") -> None:
+  """--output of the commands that write one embedding row per input: a float32 .npy."""
+  flag_values.DEFINE_string("output", None, f"Where to write the ({rows}, dim) float32 .npy"
+                            f"{more}; the name must end in .npy.")
+
+
+def npy_output(flag_values: flags.FlagValues) -> str:
+  """The --output that define_npy_output defined, checked (a usage error otherwise)."""
+  if not flag_values.output.endswith(".npy"):
+    raise FlagError(f"--output {flag_values.output}: must end in .npy")
+  return flag_values.output
+
+
 def save_npy(path: str, array: np.ndarray) -> None:
   """np.save through a temporary file and a rename: an interrupted run leaves no truncated file."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

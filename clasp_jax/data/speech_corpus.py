@@ -24,6 +24,7 @@ from absl import logging
 import numpy as np
 import soundfile
 
+from clasp_jax.common import cli
 from clasp_jax.data import audio_io
 from clasp_jax.data import fortunes
 from clasp_jax.data.sources import manifest
@@ -197,11 +198,10 @@ def synthesize_corpus(output: str, languages: Sequence[str], num_sentences: int,
   durations = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
     futures = [pool.submit(speak, example, speaker, espeak) for example, speaker in planned]
+    progress = cli.Progress(len(futures), "utterances", verb="spoken")
     for done, future in enumerate(futures, start=1):
       durations.append(future.result())
-      if done % 250 == 0 or done == len(futures):
-        logging.info("spoken %d/%d utterances (%.0f s)", done, len(futures),
-                     time.monotonic() - started)
+      progress.update(done)
   synthesis_s = time.monotonic() - started
   examples = [example for example, _ in planned]
   manifest.write_manifest(manifest_path, examples)

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from absl import logging
@@ -25,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from clasp_jax.common import cli
 from clasp_jax.data import audio_io
 from clasp_jax.data import bad_input
 from clasp_jax.data import splits
@@ -177,12 +177,10 @@ class ClaspSpeechText(tfds.core.GeneratorBasedBuilder):
     decoded = _ordered_parallel_map(
         lambda example: bad_input.decode_or_error(example.audio_path, limits), examples,
         self._options.num_workers)
-    started = time.monotonic()
+    progress = cli.Progress(len(examples), "clips", verb=f"{self._options.name}/{split}: decoded")
     for position, (example, result) in enumerate(zip(examples, decoded)):
       clip = bad_input.accept_clip(result, self._policy)
-      if position % 1000 == 999:
-        logging.info("%s/%s: decoded %d of %d clips (%.0f s)", self._options.name, split,
-                     position + 1, len(examples), time.monotonic() - started)
+      progress.update(position + 1)
       if clip is None:
         continue
       audio = np.clip(np.round(clip.audio * INT16_SCALE), -32768, 32767).astype(np.int16)

@@ -31,31 +31,12 @@ import numpy as np
 
 from clasp_jax.inference import split_embedding
 from clasp_jax.retrieval import evaluation as protocols
-from clasp_jax.retrieval import metrics as metrics_lib
 from clasp_jax.retrieval import scoring
 
 
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-  """A config list given as a sequence or as one comma-separated string."""
-  if isinstance(value, str):
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-  return tuple(value)
-
-
 def protocol_from_config(config: ml_collections.ConfigDict) -> protocols.Protocol:
-  breakdowns = config.get("breakdowns", None)
-  return protocols.Protocol(
-      kind=config.get("protocol", "hard"),
-      num_candidates=int(config.get("num_candidates", 100)),
-      seed=int(config.get("seed", 0)),
-      skip_ties=bool(config.get("skip_ties", False)),
-      duplicates_as_hits=bool(config.get("duplicates_as_hits", False)),
-      breakdowns=None if breakdowns is None else _as_tuple(breakdowns),
-      cross_lingual=protocols.parse_cross_lingual(_as_tuple(config.get("cross_lingual", ()))),
-      ks=tuple(int(k) for k in _as_tuple(config.get("ks", (1, 5, 10)))),
-      ties=str(config.get("ties", metrics_lib.DEFAULT_TIE_RULE)),
-      threshold=None if config.get("threshold", None) is None else float(config.threshold),
-  )
+  """The protocol of an evaluator's config: the keys and defaults of `evaluate`'s flags."""
+  return protocols.protocol_from_settings(lambda name: config.get(name, None))
 
 
 class Evaluator:

@@ -28,7 +28,7 @@ from clasp_jax.inference import speech_batching, speech_embedding, text_embeddin
 FLAGS = cli.FlagValues()
 FLAGS.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints/).")
 FLAGS.DEFINE_string("input", None, "An audio folder or list file; with --text, a text file.")
-FLAGS.DEFINE_string("output", None, "Where to write the (rows, dim) float32 .npy.")
+cli.define_npy_output(FLAGS, "rows", "; OUT.paths.txt beside it names the audio rows' files")
 FLAGS.DEFINE_bool("text", False, "Embed sentences with the model's text tower instead.")
 FLAGS.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
 FLAGS.DEFINE_integer("batch_size", 16, "Clips or sentences per forward pass.", lower_bound=1)
@@ -63,8 +63,7 @@ def _embed_audio(trained) -> None:
 
 
 def main() -> None:
-  if not FLAGS.output.endswith(".npy"):
-    raise cli.FlagError(f"--output {FLAGS.output}: must end in .npy")
+  cli.npy_output(FLAGS)
   from clasp_jax.inference import workdir as workdir_lib
   from clasp_jax.trainer.checkpointing import parse_checkpoint_choice
   try:

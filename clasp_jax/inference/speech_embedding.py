@@ -54,8 +54,7 @@ def define_speech_flags(flag_values: cli.FlagValues) -> None:
 
 FLAGS = cli.FlagValues()
 define_speech_flags(FLAGS)
-FLAGS.DEFINE_string("output", None, "Where to write the (files, hidden) float32 .npy; the row "
-                    "paths go to the same name with .paths.txt.")
+cli.define_npy_output(FLAGS, "files", "; OUT.paths.txt beside it names each row's file")
 FLAGS.DEFINE_integer("layer", None, "Mean-pool transformers' hidden_states[LAYER] instead of the "
                      "last hidden state: 0 is the transformer input, N the output of layer N "
                      "(before the final layer norm of pre-LN models); negative counts from "
@@ -88,8 +87,7 @@ def paths_file_for(output: str) -> str:
 
 
 def main() -> None:
-  if not FLAGS.output.endswith(".npy"):
-    raise cli.FlagError(f"--output {FLAGS.output}: must end in .npy")
+  cli.npy_output(FLAGS)
   checkpoint, paths, options = load_speech_inputs(FLAGS)
   result = speech.embed_speech(checkpoint, paths, layer=FLAGS.layer,
                                progress=cli.Progress(len(paths), "files", verb="embedded"),

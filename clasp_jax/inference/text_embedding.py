@@ -27,7 +27,7 @@ from clasp_jax.common import cli
 FLAGS = cli.FlagValues()
 FLAGS.DEFINE_string("encoder", None, "sentence-transformers or Hugging Face model folder.")
 FLAGS.DEFINE_string("input", None, "UTF-8 text file, one sentence per line.")
-FLAGS.DEFINE_string("output", None, "Where to write the (lines, dim) float32 .npy file.")
+cli.define_npy_output(FLAGS, "lines")
 FLAGS.DEFINE_integer("batch_size", 64, "Sentences per forward pass.", lower_bound=1)
 FLAGS.DEFINE_enum("precision", "highest", ["highest", "high", "default"],
                   "Matmul precision on GPU/TPU; 'highest' matches PyTorch float32 (no effect "
@@ -63,8 +63,7 @@ def read_sentences(path: str) -> list[str]:
 
 
 def main() -> None:
-  if not FLAGS.output.endswith(".npy"):
-    raise cli.FlagError(f"--output {FLAGS.output}: must end in .npy")
+  cli.npy_output(FLAGS)
   if not os.path.isdir(FLAGS.encoder):
     raise cli.UsageError(f"--encoder {FLAGS.encoder}: no such folder")
   from clasp_jax.data import text_prep

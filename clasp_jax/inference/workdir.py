@@ -106,13 +106,25 @@ class TrainedModel:
         progress(min(start + rows, len(waveforms)))
     return np.concatenate(outputs) if outputs else np.zeros((0, self.built.embed_dim), np.float32)
 
+  @functools.cached_property
+  def _fusion_fn(self):
+    model = self.built.model
+    return jax.jit(lambda variables, speech, spectrogram: model.apply(
+        variables, speech, spectrogram,
+        method=lambda module, s, p: module.speech_encoder(s, p, train=False)))
+
   def embed_features(self, speech: np.ndarray | None = None,
-                     spectrogram: np.ndarray | None = None) -> np.ndarray:
-    """Normalised speech embeddings of precomputed feature vectors (feature-mode models)."""
+                     spectrogram: np.ndarray | None = None, *,
+                     normalize: bool = True) -> np.ndarray:
+    """Speech embeddings of precomputed feature vectors (feature-mode models): normalised, or
+    with `normalize=False` the fusion encoder's raw output (what a PyTorch port must match)."""
     if self.speech_kind != "features":
       raise ValueError(f"{self.workdir} trained an audio-mode model: give it audio")
     batch = {name: np.asarray(value, np.float32) for name, value in
              (("speech", speech), ("spectrogram", spectrogram)) if value is not None}
+    if not normalize:
+      return np.asarray(self._fusion_fn(self.variables, batch.get("speech"),
+                                        batch.get("spectrogram")))
     return np.asarray(self._embed_speech_fn(self.variables, batch))
 
   def embed_texts(self, sentences: Sequence[str], *, batch_size: int = 64) -> np.ndarray:

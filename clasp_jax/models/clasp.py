@@ -84,6 +84,9 @@ class ClaspModel(nn.Module):
   # Activation dtype of the speech and text towers; their parameters stay float32, and the
   # fusion encoder, its BatchNorm and the loss compute in float32.
   dtype: Any = jnp.float32
+  # Dropout inside the text tower while training: only where it is fine-tuned. A frozen
+  # tower gives the same embedding of a sentence every step, as the paper's precomputed ones.
+  text_dropout: bool = False
 
   @property
   def resolved_text_kind(self) -> str:
@@ -146,7 +149,8 @@ class ClaspModel(nn.Module):
       return batch["text"].astype(jnp.float32)
     _require(batch, ("input_ids", "attention_mask"), "the text encoder's tokens")
     return self.text_encoder(batch["input_ids"], batch["attention_mask"],
-                             deterministic=not train).astype(jnp.float32)
+                             deterministic=not (train and self.text_dropout)
+                             ).astype(jnp.float32)
 
   def embed_speech(self, batch: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
     """L2-normalised speech embeddings (batch, embed_dim) from the speech side of `batch`."""
@@ -262,6 +266,8 @@ def model_from_config(model_config: ml_collections.ConfigDict,
       speech_tower=settings,
       text_kind=text_kind,
       dtype=compute_dtype(model_config),
+      text_dropout=text_module is not None and int(
+          model_config.get("text", {}).get("trainable_top_layers", 0)) > 0,
   )
 
 

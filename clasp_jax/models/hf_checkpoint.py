@@ -23,6 +23,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from clasp_jax.common import mismatch
+
 Array = np.ndarray
 Converter = Callable[[Array], Array]
 
@@ -35,7 +37,6 @@ _SAFETENSORS_DTYPES = {
 
 # How many names of each kind of problem a message lists: a wrong architecture can miss
 # hundreds of tensors, and the first few already tell what went wrong.
-_LISTED = 8
 
 
 class CheckpointError(ValueError):
@@ -61,6 +62,15 @@ def read_config(folder: str | os.PathLike, file_name: str = "config.json", *,
     raise CheckpointError(f"{path}: not valid JSON ({error})") from None
 
 
+def _safetensors_header(stream, path: str) -> tuple[dict, int]:
+  """(the JSON header, the offset where tensor data starts) of an open .safetensors file."""
+  try:
+    (header_size,) = struct.unpack("<Q", stream.read(8))
+    return json.loads(stream.read(header_size)), 8 + header_size
+  except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, Array]:
   """Every tensor of a .safetensors file as a host numpy array in its stored dtype (bf16 too).
 
@@ -69,12 +79,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Array]:
   """
   path = os.fspath(path)
   with open(path, "rb") as stream:
-    try:
-      (header_size,) = struct.unpack("<Q", stream.read(8))
-      header = json.loads(stream.read(header_size))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
-      raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
-    data_start = 8 + header_size
+    header, data_start = _safetensors_header(stream, path)
     tensors = {}
     with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
       for name, entry in header.items():
@@ -119,6 +124,53 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, Array]:
   return tensors
 
 
+def _weights_file(folder: str, stem: str) -> tuple[str, str]:
+  """(path, kind) of the weights a folder holds: `<stem>.safetensors` first, then
+  `pytorch_model.bin`, either possibly sharded behind an `.index.json` (kind 'index')."""
+  for file_name, kind in ((f"{stem}.safetensors", "safetensors"),
+                          (f"{stem}.safetensors.index.json", "index"),
+                          ("pytorch_model.bin", "bin"),
+                          ("pytorch_model.bin.index.json", "index")):
+    path = os.path.join(folder, file_name)
+    if os.path.isfile(path):
+      return path, kind
+  raise CheckpointError(f"{folder}: no {stem}.safetensors or pytorch_model.bin (or their "
+                        "index) found")
+
+
+def _weight_map(path: str) -> dict[str, str]:
+  """Tensor name -> shard file of a shard index."""
+  try:
+    with open(path, encoding="utf-8") as stream:
+      weight_map = json.load(stream)["weight_map"]
+    return {str(name): str(shard) for name, shard in weight_map.items()}
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+    raise CheckpointError(f"{path}: not a shard index ({error!r})") from None
+
+
+def tensor_names(folder: str | os.PathLike, stem: str = "model") -> set[str]:
+  """Names of the tensors `read_weights` would read, without reading them: the safetensors
+  header or the shard index (a 1.2 GB HuBERT-large costs a few kilobytes), or a `.bin`
+  memory-mapped. Building a model from its config needs them to know which optional tensors
+  (a BERT pooler, HuBERT's SpecAugment embedding, a CTC head) a checkpoint holds."""
+  path, kind = _weights_file(os.fspath(folder), stem)
+  if kind == "index":
+    return set(_weight_map(path))
+  if kind == "safetensors":
+    with open(path, "rb") as stream:
+      return set(_safetensors_header(stream, path)[0]) - {"__metadata__"}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (optional: only .bin files need it)
+  except ImportError:
+    raise CheckpointError(f"{path} is a PyTorch file; install the 'torch' extra to read it, "
+                          "or convert it to model.safetensors") from None
+  try:  # mmap: the storages are mapped, not read; weights_only: no pickled code runs.
+    return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+  except Exception as error:  # torch raises several unrelated types for unsafe or bad files.
+    raise CheckpointError(
+        f"{path}: cannot read as a weights-only PyTorch state dict ({error})") from None
+
+
 def read_weights(folder: str | os.PathLike, stem: str = "model") -> dict[str, Array]:
   """All weight tensors of a folder: `<stem>.safetensors` first, then `pytorch_model.bin`.
 
@@ -126,32 +178,19 @@ def read_weights(folder: str | os.PathLike, stem: str = "model") -> dict[str, Ar
   and sentence-transformers Dense folders alike.
   """
   folder = os.fspath(folder)
-  candidates = (
-      (f"{stem}.safetensors", read_safetensors),
-      (f"{stem}.safetensors.index.json", read_safetensors),
-      ("pytorch_model.bin", read_torch_bin),
-      ("pytorch_model.bin.index.json", read_torch_bin),
-  )
-  for file_name, reader in candidates:
-    path = os.path.join(folder, file_name)
-    if not os.path.isfile(path):
-      continue
-    if not file_name.endswith(".index.json"):
-      return reader(path)
-    try:
-      with open(path, encoding="utf-8") as stream:
-        shard_names = sorted(set(json.load(stream)["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-      raise CheckpointError(f"{path}: not a shard index ({error!r})") from None
-    tensors: dict[str, Array] = {}
-    for shard_name in shard_names:
-      shard = os.path.join(folder, shard_name)
-      if not os.path.isfile(shard):
-        raise CheckpointError(f"{path}: shard {shard_name} not found")
-      tensors.update(reader(shard))
-    return tensors
-  raise CheckpointError(f"{folder}: no {stem}.safetensors or pytorch_model.bin (or their "
-                        "index) found")
+  path, kind = _weights_file(folder, stem)
+  if kind == "safetensors":
+    return read_safetensors(path)
+  if kind == "bin":
+    return read_torch_bin(path)
+  reader = read_safetensors if path.endswith(".safetensors.index.json") else read_torch_bin
+  tensors: dict[str, Array] = {}
+  for shard_name in sorted(set(_weight_map(path).values())):
+    shard = os.path.join(folder, shard_name)
+    if not os.path.isfile(shard):
+      raise CheckpointError(f"{path}: shard {shard_name} not found")
+    tensors.update(reader(shard))
+  return tensors
 
 
 def identity(tensor: Array) -> Array:
@@ -235,14 +274,9 @@ def with_shapes(rules: Iterable[TensorRule], shape_tree: Mapping) -> list[Tensor
   unmapped = sorted("/".join(path) for path in shapes if path not in paths)
   unknown = sorted("/".join(path) for path in paths if path not in shapes)
   if unmapped or unknown:
-    raise AssertionError(f"rule table and model disagree: no rule for {_listing(unmapped)}; "
-                         f"rules for parameters the model lacks: {_listing(unknown)}")
+    raise AssertionError(f"rule table and model disagree: no rule for {mismatch.listing(unmapped)}; "
+                         f"rules for parameters the model lacks: {mismatch.listing(unknown)}")
   return [dataclasses.replace(rule, shape=shapes[rule.flax_path]) for rule in rules]
-
-
-def _listing(items: Sequence[str], separator: str = ", ") -> str:
-  shown = separator.join(items[:_LISTED])
-  return shown + (f"{separator}... ({len(items)} in all)" if len(items) > _LISTED else "")
 
 
 def params_from_tensors(tensors: Mapping[str, Array], rules: Iterable[TensorRule], *,
@@ -285,13 +319,7 @@ def params_from_tensors(tensors: Mapping[str, Array], rules: Iterable[TensorRule
     node[rule.flax_path[-1]] = np.ascontiguousarray(value, dtype=dtype)
   unused = sorted(name for name in tensors
                   if name not in used and not any(pattern.search(name) for pattern in ignore))
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing tensor(s): {_listing(missing)}")
-  if unused:
-    problems.append(f"{len(unused)} unused tensor(s): {_listing(unused)}")
-  if mismatched:
-    problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched, '; ')}")
-  if problems:
-    raise CheckpointError(f"{source} does not match {model}: " + "; ".join(problems))
+  found = mismatch.problems(missing, unused, mismatched)
+  if found:
+    raise CheckpointError(f"{source} does not match {model}: " + "; ".join(found))
   return params

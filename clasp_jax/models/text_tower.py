@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax.common.mesh import DATA_AXIS
-from clasp_jax.models import checkpoint_files
 from clasp_jax.models import compilation
 from clasp_jax.models import bert
 from clasp_jax.models import bert_checkpoint
@@ -289,10 +288,7 @@ def module_from_folder(path: str | os.PathLike, *, precision: str = "highest",
   path = os.fspath(path)
   _check_folder(path)
   folder = sentence_encoder.read_sentence_transformers_folder(path)
-  try:
-    names = checkpoint_files.tensor_names(folder.transformer_dir)
-  except ValueError as error:
-    raise bert_checkpoint.CheckpointError(str(error)) from None
+  names = hf_checkpoint.tensor_names(folder.transformer_dir)
   return _encoder_module(path, folder, names, precision, dtype)
 
 

@@ -392,3 +392,110 @@ def import_fusion_encoder(path: str | os.PathLike) -> FusionImport:
   mode = module.attribute("mode")
   return fusion_variables(state_dict(module), mode=mode if isinstance(mode, str) else None,
                           class_name=module.class_name)
+
+
+# ------------------------------------------------------------------ FusionEncoder <-> their names.
+
+
+@dataclasses.dataclass(frozen=True)
+class NameRule:
+  """One tensor of the authors' state_dict and the FusionEncoder variable it is.
+
+  `collection` is 'params' or 'batch_stats'; `path` the variable's path inside the speech
+  encoder; `transpose` for Linear weights (PyTorch (out, in), Flax kernel (in, out)).
+  """
+
+  torch_name: str
+  collection: str
+  path: tuple[str, ...]
+  transpose: bool = False
+
+
+def fusion_name_table(fusion: str) -> list[NameRule]:
+  """Every tensor of the authors' joint fusion encoder of kind `fusion`, in their order; the
+  same layer tables `fusion_variables` reads by."""
+  if fusion not in ("concat", "gated"):
+    raise ValueError(f"fusion must be 'concat' or 'gated', got {fusion!r}")
+  rules: list[NameRule] = []
+
+  def linear(prefix: str, path: tuple[str, ...]) -> None:
+    rules.append(NameRule(f"{prefix}.weight", "params", path + ("kernel",), transpose=True))
+    rules.append(NameRule(f"{prefix}.bias", "params", path + ("bias",)))
+
+  def sequential(prefix: str, layers: dict[str, int], scope: str) -> None:
+    for flax_name, index in layers.items():
+      name, path = f"{prefix}.{index}", (scope, flax_name)
+      if flax_name.startswith("norm"):
+        rules.extend([NameRule(f"{name}.weight", "params", path + ("scale",)),
+                      NameRule(f"{name}.bias", "params", path + ("bias",)),
+                      NameRule(f"{name}.running_mean", "batch_stats", path + ("mean",)),
+                      NameRule(f"{name}.running_var", "batch_stats", path + ("var",))])
+      else:
+        linear(name, path)
+
+  sequential("audio_seq" if fusion == "concat" else "text_seq", _BRANCH_LAYERS, "speech_branch")
+  sequential("image_seq", _BRANCH_LAYERS, "spectrogram_branch")
+  if fusion == "concat":
+    sequential("mix_seq", _CONCAT_MIX_LAYERS, "mix")
+  else:
+    for flax_name, torch_name in _GATES.items():  # The authors' module order.
+      for side, suffix in (("speech_gate", "text"), ("spectrogram_gate", "image")):
+        linear(f"{torch_name}_{suffix}.0", ("mix", side, flax_name))
+    linear("weight.0", ("mix", "mix_weights"))
+  return rules
+
+
+def _lookup(tree: dict, path: tuple[str, ...]):
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def fusion_state_dict(params: dict[str, Any], batch_stats: dict[str, Any],
+                      fusion: str) -> dict[str, np.ndarray]:
+  """FusionEncoder variables under the authors' state_dict names (the inverse of
+  `fusion_variables`).
+
+  BatchNorm layers get `num_batches_tracked` (0: our BatchNorm does not count batches, and
+  PyTorch reads it only when momentum is None), so the authors' classes load the result with
+  `strict=True`. A single-branch model holds its one branch only; the authors' classes kept
+  every layer in every mode, so only joint models load strictly into them.
+  """
+  variables = {"params": params, "batch_stats": batch_stats}
+  tensors: dict[str, np.ndarray] = {}
+  for rule in fusion_name_table(fusion):
+    value = _lookup(variables[rule.collection], rule.path)
+    if value is None:
+      continue  # A branch this mode does not build.
+    value = np.asarray(value, np.float32)
+    tensors[rule.torch_name] = np.ascontiguousarray(value.T if rule.transpose else value)
+    if rule.torch_name.endswith(".running_var"):
+      tensors[rule.torch_name[:-len("running_var")] + "num_batches_tracked"] = np.asarray(
+          0, np.int64)
+  return tensors
+
+
+def fusion_from_state_dict(tensors: dict[str, np.ndarray], fusion: str
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, batch_stats) of a FusionEncoder from the authors' names, for any mode: the
+  tensors present are taken, and every tensor must be used (shapes are the caller's check)."""
+  params: dict[str, Any] = {}
+  batch_stats: dict[str, Any] = {}
+  used = set()
+  for rule in fusion_name_table(fusion):
+    if rule.torch_name not in tensors:
+      continue
+    used.add(rule.torch_name)
+    value = np.asarray(tensors[rule.torch_name], np.float32)
+    node = params if rule.collection == "params" else batch_stats
+    for key in rule.path[:-1]:
+      node = node.setdefault(key, {})
+    node[rule.path[-1]] = np.ascontiguousarray(value.T if rule.transpose else value)
+  unused = sorted(name for name in tensors
+                  if name not in used and not name.endswith(".num_batches_tracked"))
+  if unused:
+    raise UnsafeCheckpointError(f"tensors of no {fusion} fusion layer: {unused[:6]}"
+                                f"{' ...' if len(unused) > 6 else ''}")
+  return params, batch_stats

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax.models import checkpoint_files
 from clasp_jax.models import hf_checkpoint
 from clasp_jax.models import wav2vec2
 from clasp_jax.models.hf_checkpoint import CheckpointError  # noqa: F401  (re-exported)
@@ -168,10 +167,7 @@ def read_config(folder: str | os.PathLike, *, with_ctc_head: bool | None = None
   """
   folder = os.fspath(folder)
   hf_config = _read_hf_config(folder)
-  try:
-    names = checkpoint_files.tensor_names(folder)
-  except ValueError as error:
-    raise CheckpointError(str(error)) from None
+  names = hf_checkpoint.tensor_names(folder)
   config = _config_for(folder, hf_config, names, with_ctc_head)
   preprocessing = Preprocessing.from_hf_dict(
       hf_checkpoint.read_config(folder, "preprocessor_config.json", required=False) or {})

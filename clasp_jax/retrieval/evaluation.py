@@ -141,6 +141,81 @@ def parse_cross_lingual(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
   return tuple(pairs)
 
 
+def _as_list(value: Any) -> tuple[str, ...]:
+  """A setting given as a sequence or as one comma-separated string."""
+  if isinstance(value, str):
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+  return tuple(str(item) for item in value)
+
+
+def define_protocol_flags(flag_values: Any) -> None:
+  """The protocol's command-line flags (`evaluate`), with Protocol's defaults."""
+  default = Protocol()
+  flag_values.DEFINE_enum(
+      "protocol", default.kind, PROTOCOLS,
+      "hard: rank against the whole corpus; soft: rank among --num_candidates candidates.")
+  flag_values.DEFINE_integer(
+      "num_candidates", default.num_candidates,
+      "Soft protocol: candidates per query, the gold one included.")
+  flag_values.DEFINE_integer("seed", default.seed, "Soft protocol: seed of the random candidates.")
+  flag_values.DEFINE_string(
+      "candidates", None, "Soft protocol: a file whose line i lists the candidate indices of "
+      "query i (spaces or commas, the gold one anywhere, as many on every line), e.g. the "
+      "authors' lists, instead of --num_candidates random ones; both directions use it.")
+  flag_values.DEFINE_enum(
+      "ties", default.ties, metrics_lib.TIE_RULES,
+      "How a tie with the gold candidate counts. expected: averaged over a random order of the "
+      "tied candidates; paper: the authors' code (HITS@1 = argmax == gold, a tie goes to the "
+      "lower index; ranks count strictly higher scores); optimistic: every tie is won; "
+      "pessimistic: every tie is lost.")
+  flag_values.DEFINE_float(
+      "threshold", default.threshold, "Also report the authors' golden accuracy (share of "
+      "queries whose gold score is at least this) and macro / micro precision, recall and F1 "
+      "of the decisions 'candidate scores at least this'.")
+  flag_values.DEFINE_bool(
+      "skip_ties", default.skip_ties, "Leave out queries whose top score ties the gold one with "
+      "another item (with --ties=paper only when that item has the lower index, as the authors "
+      "skip); reports num_skipped.")
+  flag_values.DEFINE_bool(
+      "duplicates_as_hits", default.duplicates_as_hits,
+      "A text with the gold text's `text_id` counts as a hit.")
+  flag_values.DEFINE_list(
+      "breakdowns", default.breakdowns, "Fields to slice the queries by (category, language, "
+      "source); default every one the file has; empty for none.")
+  flag_values.DEFINE_list(
+      "cross_lingual", list(default.cross_lingual), "TEXT_LANG:SPEECH_LANG pairs: texts in the "
+      "first retrieve speech in the second and back, paired by `text_id` (needs `language` and "
+      "`text_id`).")
+  flag_values.DEFINE_list("ks", [str(k) for k in default.ks], "The k of HITS@k.")
+
+
+def protocol_from_settings(get: Callable[[str], Any]) -> Protocol:
+  """The Protocol that named settings describe, from flags or an evaluator's config alike.
+
+  `get(name)` returns a setting (the names of define_protocol_flags) or None for its default;
+  lists may be sequences or comma-separated strings. Raises InputError for bad values.
+  """
+  default = Protocol()
+  value = lambda name, fallback: fallback if get(name) is None else get(name)
+  try:
+    ks = tuple(int(k) for k in _as_list(value("ks", default.ks)))
+  except ValueError:
+    raise InputError(f"ks must be integers, got {get('ks')}") from None
+  breakdowns = get("breakdowns")
+  threshold = get("threshold")
+  return Protocol(
+      kind=str(value("protocol", default.kind)),
+      num_candidates=int(value("num_candidates", default.num_candidates)),
+      seed=int(value("seed", default.seed)),
+      skip_ties=bool(value("skip_ties", default.skip_ties)),
+      duplicates_as_hits=bool(value("duplicates_as_hits", default.duplicates_as_hits)),
+      breakdowns=None if breakdowns is None else _as_list(breakdowns),
+      cross_lingual=parse_cross_lingual(_as_list(value("cross_lingual", ()))),
+      ks=ks,
+      ties=str(value("ties", default.ties)),
+      threshold=None if threshold is None else float(threshold))
+
+
 def _as_embeddings(name: str, value: Any) -> np.ndarray:
   array = np.asarray(value)
   if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:

@@ -86,12 +86,24 @@ class Checkpointer:
     'latest', or a step number (a regular checkpoint, or the best one).
     """
     manager, chosen = self.resolve(step)
-    # The saved shardings name the devices of the run that wrote it; a pod's or another
-    # process count's devices do not exist here, so arrays they name land on a local device.
-    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = manager.restore(
-        chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=fallback),
-                                        record=ocp.args.JsonRestore()))
+    # Onto this process's first device, whatever topology wrote it: without a target Orbax
+    # restores the saved sharding and refuses a different device count, and a workdir trained
+    # on 8 devices or a pod is read for inference or conversion on one machine. The state's
+    # metadata needs the handlers named up front.
+    reader = ocp.CheckpointManager(
+        manager.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                          "record": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False))
+    try:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                              sharding=device),
+                            reader.item_metadata(chosen)["state"])
+      restored = reader.restore(
+          chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                          record=ocp.args.JsonRestore()))
+    finally:
+      reader.close()
     return restored["state"], dict(restored["record"])
 
   def resolve(self, step: int | str | None) -> tuple[ocp.CheckpointManager, int]:

@@ -28,6 +28,7 @@ import jax
 from etils import epath
 import numpy as np
 
+from clasp_jax.common import mismatch
 from clasp_jax.common.config_args import ConfigError
 from clasp_jax.trainer.checkpointing import Checkpointer
 
@@ -50,13 +51,7 @@ def _check_and_take(name: str, workdir: str, live: Any, stored: Any) -> Any:
               f"{tuple(np.shape(live_leaves[path]))} here"
               for path in sorted(set(live_leaves) & set(stored_leaves))
               if np.shape(stored_leaves[path]) != np.shape(live_leaves[path])]
-  problems = []
-  if missing:
-    problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-  if unexpected:
-    problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-  if reshaped:
-    problems.append(f"other shapes: {'; '.join(reshaped[:3])}")
+  problems = mismatch.problems(missing, unexpected, reshaped, unused_word="unexpected")
   if problems:
     raise ConfigError(f"init_from={workdir}: its {name} do not fit this model ("
                       + "; ".join(problems) + "); the model config must match the one it was "

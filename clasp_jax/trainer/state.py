@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clasp_jax.common import mismatch
 from clasp_jax.trainer import optim
 
 
@@ -43,14 +44,14 @@ def _check_pretrained(expected: Mapping[str, Any], pretrained: Mapping[str, Any]
   for name, tree in pretrained.items():
     want = flax.traverse_util.flatten_dict(expected[name], sep="/")
     have = flax.traverse_util.flatten_dict(tree, sep="/")
-    problems = [f"{path}: missing" for path in sorted(set(want) - set(have))]
-    problems += [f"{path}: not in the model" for path in sorted(set(have) - set(want))]
-    problems += [f"{path}: {tuple(have[path].shape)} != {tuple(want[path].shape)}"
-                 for path in sorted(set(want) & set(have)) if have[path].shape != want[path].shape]
+    mismatched = [f"{path}: {tuple(have[path].shape)} != {tuple(want[path].shape)}"
+                  for path in sorted(set(want) & set(have))
+                  if have[path].shape != want[path].shape]
+    problems = mismatch.problems(sorted(set(want) - set(have)), sorted(set(have) - set(want)),
+                                 mismatched, unused_word="unexpected")
     if problems:
-      shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6
-                                        else "")
-      raise ShapeMismatchError(f"pretrained {name!r} does not fit the model: {shown}")
+      raise ShapeMismatchError(f"pretrained {name!r} does not fit the model: "
+                               + "; ".join(problems))
 
 
 def fresh_initializer(model: nn.Module, example_batch: Mapping[str, Any],

@@ -18,6 +18,7 @@ COMMANDS = {
     "clasp_jax.inference.text_embedding": ("encoder", "input", "output"),
     "clasp_jax.data.build": ("kind", "source", "data_dir"),
     "clasp_jax.data.synthesize": ("output",),
+    "clasp_jax.convert": ("workdir",),
 }
 
 

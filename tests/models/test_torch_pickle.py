@@ -128,3 +128,27 @@ def test_a_state_dict_that_is_not_theirs_is_a_clear_error():
   with pytest.raises(torch_pickle.UnsafeCheckpointError, match="do not chain"):
     torch_pickle.fusion_variables(reshaped)
   assert jax.tree.leaves(torch_pickle.fusion_variables(tensors).params)
+
+
+@pytest.mark.parametrize("cls", [torch_fusion.HubertLabseConcat, torch_fusion.HubertLabseGating])
+def test_our_names_are_the_inverse_of_the_import(cls):
+  import chex
+  module = torch_fusion.trained_like(cls(SPEECH_DIM, SPECTROGRAM_DIM))
+  tensors = {name: value.numpy() for name, value in module.state_dict().items()}
+  imported = torch_pickle.fusion_variables(tensors)
+  exported = torch_pickle.fusion_state_dict(imported.params, imported.batch_stats,
+                                            imported.settings["fusion"])
+  assert list(exported) == list(tensors)  # Every name, in the authors' own order.
+  for name, value in tensors.items():
+    if name.endswith("num_batches_tracked"):
+      assert exported[name].dtype == np.int64 and exported[name].shape == ()
+    else:
+      np.testing.assert_array_equal(exported[name], value)
+  params, batch_stats = torch_pickle.fusion_from_state_dict(exported, imported.settings["fusion"])
+  chex.assert_trees_all_equal((params, batch_stats), (imported.params, imported.batch_stats))
+  # One branch alone (a single-branch model) maps back too; foreign tensors do not.
+  speech_only = {k: v for k, v in exported.items() if k.startswith(("audio_seq", "text_seq"))}
+  params, _ = torch_pickle.fusion_from_state_dict(speech_only, imported.settings["fusion"])
+  assert set(params) == {"speech_branch"}
+  with pytest.raises(torch_pickle.UnsafeCheckpointError, match="no concat fusion layer"):
+    torch_pickle.fusion_from_state_dict({**exported, "extra.weight": np.zeros(2)}, "concat")

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Sequence
 
+from clasp_jax.data.sources import layout
 from clasp_jax.data.sources.source import SourceExample, canonical_split
 
 KIND = "common_voice"
@@ -25,20 +26,9 @@ SPLIT_MODES = ("official", "validated")
 
 def locale_dirs(root: str, locales: Sequence[str] = ()) -> dict[str, str]:
   """Locale -> folder, for `root` = one locale's folder or the corpus folder above them."""
-  if os.path.isfile(os.path.join(root, "validated.tsv")):
-    found = {os.path.basename(os.path.normpath(root)): root}
-  else:
-    found = {name: os.path.join(root, name) for name in sorted(os.listdir(root))
-             if os.path.isfile(os.path.join(root, name, "validated.tsv"))}
-  if not found:
-    raise FileNotFoundError(f"no Common Voice validated.tsv under {root}")
-  if locales:
-    missing = sorted(set(locales) - set(found))
-    if missing:
-      raise FileNotFoundError(f"Common Voice locales {missing} not under {root}; found "
-                              f"{sorted(found)}")
-    found = {locale: found[locale] for locale in locales}
-  return found
+  return layout.language_folders(
+      root, lambda folder: os.path.isfile(os.path.join(folder, "validated.tsv")), locales,
+      release="Common Voice", tables="validated.tsv", items="locales")
 
 
 def _clip_path(folder: str, recorded: str) -> str:

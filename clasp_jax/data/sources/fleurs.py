@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Sequence
 
+from clasp_jax.data.sources import layout
 from clasp_jax.data.sources.layout import AudioIndex
 from clasp_jax.data.sources.source import SourceExample, canonical_split
 
@@ -32,22 +33,10 @@ def _has_split_tables(folder: str) -> bool:
 
 def language_dirs(root: str, languages: Sequence[str] = ()) -> dict[str, str]:
   """FLEURS language code -> its folder, for `root` = the release, its data/ or one language."""
-  if _has_split_tables(root):
-    found = {os.path.basename(os.path.normpath(root)): root}
-  else:
-    base = os.path.join(root, "data") if os.path.isdir(os.path.join(root, "data")) else root
-    found = {name: os.path.join(base, name) for name in sorted(os.listdir(base))
-             if os.path.isdir(os.path.join(base, name))
-             and _has_split_tables(os.path.join(base, name))}
-  if not found:
-    raise FileNotFoundError(f"no FLEURS {{train,dev,test}}.tsv under {root}")
-  if languages:
-    missing = sorted(set(languages) - set(found))
-    if missing:
-      raise FileNotFoundError(f"FLEURS languages {missing} not under {root}; found "
-                              f"{sorted(found)}")
-    found = {code: found[code] for code in languages}
-  return found
+  data = os.path.join(root, "data")
+  return layout.language_folders(root, _has_split_tables, languages, release="FLEURS",
+                                 tables="{train,dev,test}.tsv",
+                                 search_in=data if os.path.isdir(data) else root)
 
 
 def read_examples(root: str | os.PathLike, languages: Sequence[str] = (),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+from typing import Callable, Sequence
 
 from clasp_jax.data import audio_io
 
@@ -39,3 +40,28 @@ class AudioIndex:
       return joined
     candidates = self._names().get(os.path.basename(recorded), [])
     return candidates[0] if len(candidates) == 1 else joined
+
+
+def language_folders(root: str, has_tables: Callable[[str], bool], wanted: Sequence[str], *,
+                     release: str, tables: str, items: str = "languages",
+                     search_in: str | None = None) -> dict[str, str]:
+  """Language (or locale) -> folder of a multilingual release.
+
+  `root` is one language's folder (it `has_tables` itself) or the folder above them
+  (`search_in`, default `root`). `wanted` keeps those languages, in that order; one not
+  found is an error naming what was found. `release`, `tables` and `items` name the release,
+  its per-language files and what the folders are called, in messages.
+  """
+  if has_tables(root):
+    found = {os.path.basename(os.path.normpath(root)): root}
+  else:
+    base = search_in or root
+    found = {name: os.path.join(base, name) for name in sorted(os.listdir(base))
+             if has_tables(os.path.join(base, name))}
+  if not found:
+    raise FileNotFoundError(f"no {release} {tables} under {root}")
+  missing = sorted(set(wanted) - set(found))
+  if missing:
+    raise FileNotFoundError(f"{release} {items} {missing} not under {root}; found "
+                            f"{sorted(found)}")
+  return {name: found[name] for name in wanted} if wanted else found
