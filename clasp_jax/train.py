@@ -32,7 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = FLAGS.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 _DISTRIBUTED = FLAGS.DEFINE_bool(
     "distributed", os.environ.get("CLASP_DISTRIBUTED", "") == "1",
-    "Call jax.distributed.initialize() first (multi-host TPU/GPU; also CLASP_DISTRIBUTED=1).")
+    "Start JAX's multi-process runtime first (multi-host TPU/GPU; also CLASP_DISTRIBUTED=1): "
+    "auto-detected on Cloud TPU and SLURM, or from CLASP_COORDINATOR_ADDRESS, "
+    "CLASP_NUM_PROCESSES and CLASP_PROCESS_ID (clasp_jax/common/distributed.py).")
 
 
 def _config_from_workdir(workdir: str):
@@ -56,8 +58,11 @@ class _QuietLibraries:
 def main() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DISTRIBUTED.value:
-    import jax
-    jax.distributed.initialize()
+    from clasp_jax.common import distributed
+    try:
+      distributed.initialize_from_environment()
+    except ValueError as error:  # A malformed CLASP_* variable: the user's to fix.
+      raise cli.UsageError(str(error)) from None
   from clasp_jax.trainer import trainer  # Imported after initialize(): it touches jax.devices().
   from clasp_jax.trainer import embedded
   config = _CONFIG.value or _config_from_workdir(_WORKDIR.value)

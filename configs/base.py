@@ -116,6 +116,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Matmul precision on GPU/TPU: 'highest' computes as PyTorch's float32 does (the fusion
   # encoder is small, so it costs little); 'default' rounds inputs to tf32/bf16.
   config.model.precision = "highest"
+  # Activations of the speech and text towers: 'float32' or 'bfloat16' (half the activation
+  # memory, full-rate TPU/GPU matmuls). Parameters, optimizer state, the fusion encoder and
+  # the loss stay float32.
+  config.model.dtype = "float32"
 
 
   # Speech tower. 'features': the fusion encoder reads the data's precomputed SSL and
@@ -159,14 +163,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.text.preparation = "as_is"
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.kind = "softmax"  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP)
+  # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP) | 'sigmoid_chunked' (SigLIP whose text chunks
+  # travel around the devices instead of being gathered: the same loss in less memory).
+  config.loss.kind = "softmax"
   config.loss.learn_scale = True
   config.loss.scale_init = 1 / 0.07
   config.loss.max_scale = 100.0
   config.loss.bias_init = -10.0  # sigmoid only
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"  # 'adam' | 'adamw'
+  config.optimizer.name = "adamw"  # 'adam' | 'adamw' | 'sgd' (momentum b1)
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
   config.optimizer.b1 = 0.9
@@ -184,6 +190,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.frozen_params = ""
 
   config.batch_size = 128  # Global, over all devices and processes.
+  # > 1: each step runs the batch as this many micro-batches (GradCache: the loss still
+  # spans the whole batch, activations are held per micro-batch). BatchNorm then normalises
+  # per micro-batch; see trainer/steps.py:accumulated_train_step.
+  config.accumulation_steps = 1
   config.eval_batch_size = 128
   config.total_steps = 800
   config.num_epochs = 0  # When > 0, overrides total_steps.

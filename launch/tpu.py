@@ -119,10 +119,11 @@ def _add_data(parser: argparse.ArgumentParser, *, workdir_required: bool) -> Non
   parser.add_argument("--workdir", type=gcs_url, required=workdir_required,
                       help="gs://BUCKET/PATH for checkpoints and logs.")
   parser.add_argument(
-      "--workdir_access", choices=("gcsfuse", "direct"), default="gcsfuse",
-      help=f"gcsfuse (default): mount the bucket at {REMOTE_MOUNTS}/BUCKET on every worker "
-      "and give the trainer that path; the trainer writes its workdir with plain file I/O, "
-      "which cannot open gs:// URLs. direct: pass the gs:// URL through.")
+      "--workdir_access", choices=("direct", "gcsfuse"), default="direct",
+      help="direct (default): pass the gs:// URL through; the trainer writes config, "
+      "metrics, TensorBoard logs and checkpoints through etils.epath, tensorboardX and "
+      f"Orbax, which read and write gs:// themselves. gcsfuse: mount the bucket at "
+      f"{REMOTE_MOUNTS}/BUCKET on every worker and give the trainer that path.")
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:

@@ -79,3 +79,28 @@ def tiny_audio_model(tiny_audio_workdir):
   """`clasp_jax.load(tiny_audio_workdir)`, shared so its jitted functions compile once."""
   import clasp_jax
   return clasp_jax.load(tiny_audio_workdir)
+
+
+@pytest.fixture
+def browser(tmp_path):
+  """Headless Chromium with one page, driven over DevTools (tests/helpers/devtools.py);
+  skips the test when Chromium is not installed."""
+  from tests.helpers import devtools
+  binary = devtools.find_chromium()
+  if binary is None:
+    pytest.skip("needs Chromium for the browser test (Debian: apt-get install chromium)")
+  browser = devtools.DevTools(binary, tmp_path / "profile", tmp_path / "chromium.log")
+  yield browser
+  browser.close()
+
+
+@pytest.fixture(scope="session")
+def trained_audio_workdir(tmp_path_factory, tone_corpus, labse_like_dir):
+  """(workdir, config) of one tiny audio-mode run on the tone corpus (24 steps; evaluated and
+  checkpointed at 12 and 24; helpers/audio_workdir.py), trained once and shared read-only."""
+  from clasp_jax.trainer import trainer
+  from tests.helpers import audio_workdir
+  workdir = tmp_path_factory.mktemp("trained_audio")
+  config = audio_workdir.audio_config(tone_corpus, labse_like_dir, total_steps=24)
+  trainer.train_and_evaluate(config, str(workdir))
+  return workdir, config

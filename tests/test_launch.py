@@ -60,20 +60,19 @@ def test_v4_32_dry_run_is_the_whole_run_in_order(capsys):
       tpu_vm + ("scp",),      # ... copied to every worker ...
       tpu_vm + ("ssh",),      # ... unpacked and set up there
       tpu_vm + ("ssh",),      # the features copied to every worker's disk
-      tpu_vm + ("ssh",),      # the workdir's bucket mounted on every worker
       tpu_vm + ("ssh",),      # training started on every worker
       tpu_vm + ("ssh",),      # worker 0's log streamed until training ends
       tpu_vm + ("delete",),
   ]
-  create, archive, copy, install, fetch, mount, train, logs, delete = commands
+  create, archive, copy, install, fetch, train, logs, delete = commands
 
   assert create[5] == "clasp-v4"
   assert _flag(create, "accelerator-type") == "v4-32"
   assert _flag(create, "version") == "tpu-ubuntu2204-base"
-  for command in (create, copy, install, fetch, mount, train, logs, delete):
+  for command in (create, copy, install, fetch, train, logs, delete):
     assert _flag(command, "zone") == "us-central2-b", command
     assert _flag(command, "project") == "clasp-proj", command
-  for command in (copy, install, fetch, mount, train):
+  for command in (copy, install, fetch, train):
     assert _flag(command, "worker") == "all", command
   assert _flag(logs, "worker") == "0"
   assert "--quiet" in delete and delete[5] == "clasp-v4"
@@ -85,14 +84,13 @@ def test_v4_32_dry_run_is_the_whole_run_in_order(capsys):
   assert ["tar", "-xzf", "clasp_jax.tar.gz"] == setup[4:7]
   assert setup[-4:] == ["bash", "clasp_jax/launch/worker.sh", "setup", tpu.JAX_VERSION]
   assert _remote(fetch)[-3:] == ["fetch", "gs://clasp-bucket/features", "/mnt/clasp-data/features"]
-  assert _remote(mount)[-2:] == ["mount", "clasp-bucket"]
 
   remote_train = _remote(train)
   program = remote_train[remote_train.index("--") + 1:]
   assert remote_train[:4] == ["bash", "clasp_jax/launch/worker.sh", "start", "train"]
   assert program == ["python", "-m", "clasp_jax.train",
                      "--config=configs/base.py:paper,features=/mnt/clasp-data/features",
-                     "--workdir=/mnt/gcs/clasp-bucket/runs/paper", "--distributed",
+                     "--workdir=gs://clasp-bucket/runs/paper", "--distributed",
                      "--config.batch_size=512"]
   assert _remote(logs) == ["bash", "clasp_jax/launch/worker.sh", "follow", "train"]
 
@@ -123,13 +121,18 @@ def test_v5e_defaults_to_its_runtime_and_an_explicit_version_wins(capsys):
   assert _flag(create, "version") == "v2-alpha-x" and "--spot" in create
 
 
-def test_direct_workdir_access_passes_the_gs_url_and_mounts_nothing(capsys):
+def test_gcsfuse_workdir_access_mounts_the_bucket_and_passes_its_path(capsys):
   commands = _dry_run(["train", "--dry_run", "--name=n", "--zone=z", "--config=configs/base.py",
-                       "--workdir=gs://clasp-bucket/run", "--workdir_access=direct"], capsys)
+                       "--workdir=gs://clasp-bucket/run", "--workdir_access=gcsfuse"], capsys)
   [train] = commands
-  assert "--workdir=gs://clasp-bucket/run" in _remote(train)
-  assert _dry_run(["data", "--dry_run", "--name=n", "--zone=z", "--workdir=gs://clasp-bucket/run",
-                   "--workdir_access=direct"], capsys) == []
+  assert "--workdir=/mnt/gcs/clasp-bucket/run" in _remote(train)
+  [mount] = _dry_run(["data", "--dry_run", "--name=n", "--zone=z",
+                      "--workdir=gs://clasp-bucket/run", "--workdir_access=gcsfuse"], capsys)
+  assert _remote(mount)[-2:] == ["mount", "clasp-bucket"]
+  assert _flag(mount, "worker") == "all"
+  # The default passes the URL through and mounts nothing.
+  assert _dry_run(["data", "--dry_run", "--name=n", "--zone=z",
+                   "--workdir=gs://clasp-bucket/run"], capsys) == []
 
 
 def test_git_url_clones_on_the_workers_instead_of_copying(capsys):
@@ -198,7 +201,7 @@ def test_all_deletes_the_slice_after_a_failed_step(monkeypatch, capsys):
   ran = _record_runs(monkeypatch, fail_at="start")
   argv = [a for a in V4_RUN if a != "--dry_run"]
   assert tpu.main(argv) == 7
-  assert _verbs(ran) == ["create", "git", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]
+  assert _verbs(ran) == ["create", "git", "scp", "ssh", "ssh", "ssh", "delete"]
   capsys.readouterr()
 
 
@@ -295,4 +298,4 @@ def test_readme_example_runs_and_prints_what_the_readme_shows(capsys):
   printed = _dry_run(argv, capsys)
   create, delete = shlex.join(printed[0]), shlex.join(printed[-1])
   assert create in readme and delete in readme
-  assert len(printed) == 9
+  assert len(printed) == 8

@@ -95,9 +95,10 @@ def usage_text(doc: str | None, flag_values: flags.FlagValues) -> str:
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str], *,
-          required: Sequence[str] = ()) -> None:
+          required: Sequence[str] = (), arguments: bool = False) -> list[str]:
   """Parses `argv` (argv[0] is the program) into `flag_values` from their defaults.
 
+  Returns the positional arguments when the command takes them (`arguments`), else [].
   Raises FlagError for a bad flag or value, a stray argument or a missing required flag.
   """
   # A second run in one process starts from the defaults again (FlagValues.unparse_flags would
@@ -111,7 +112,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *,
   except (AttributeError, KeyError, TypeError, ValueError) as error:
     # ml_collections raises these for unknown keys, wrong types and bad config arguments.
     raise FlagError(f"bad --config override: {one_line(error)}") from None
-  if len(remaining) > 1:
+  if len(remaining) > 1 and not arguments:
     raise FlagError(f"unexpected argument(s): {' '.join(remaining[1:])}")
   for name in flag_values:
     try:  # ml_collections defers a config file it could not load to the first attribute read.
@@ -122,6 +123,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *,
   missing = [name for name in required if _is_missing(flag_values[name].value)]
   if missing:
     raise FlagError(f"missing required flag(s): {', '.join('--' + name for name in missing)}")
+  return list(remaining[1:])
 
 
 def _is_missing(value) -> bool:
@@ -139,9 +141,9 @@ def log_to_stderr() -> None:
   std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
 
-def run(main: Callable[[], int | None], argv: Sequence[str] | None, *,
+def run(main: Callable[..., int | None], argv: Sequence[str] | None, *,
         flag_values: flags.FlagValues, doc: str | None, required: Sequence[str] = (),
-        errors: tuple[type[BaseException], ...] = ()) -> int:
+        errors: tuple[type[BaseException], ...] = (), arguments: bool = False) -> int:
   """Parses the command line, runs `main()` and turns the outcome into an exit code.
 
   Args:
@@ -152,18 +154,20 @@ def run(main: Callable[[], int | None], argv: Sequence[str] | None, *,
     required: flags that must be given.
     errors: runtime errors the command expects (bad checkpoints, unreadable data); reported
       in one line with exit 1, like UsageError.
+    arguments: the command takes positional arguments; `main(arguments)` receives them as a
+      list (otherwise a stray argument is a usage error and `main()` takes none).
   """
   argv = list(sys.argv if argv is None else argv)
   if any(argument in HELP_ARGUMENTS for argument in argv[1:]):
     print(usage_text(doc, flag_values))
     return 0
   try:
-    parse(flag_values, argv, required=required)
+    positional = parse(flag_values, argv, required=required, arguments=arguments)
   except FlagError as error:
     return report_error(error, usage=True)
   log_to_stderr()
   try:
-    code = main()
+    code = main(positional) if arguments else main()
   except FlagError as error:
     return report_error(error, usage=True)
   except (UsageError, *errors) as error:

@@ -9,6 +9,11 @@ variables give them, the same on every process except the id:
   CLASP_NUM_PROCESSES        how many processes take part
   CLASP_PROCESS_ID           this process, 0 .. CLASP_NUM_PROCESSES - 1
   CLASP_LOCAL_DEVICE_IDS     optional: the local GPUs this process drives, e.g. "0" or "0,1"
+  CLASP_HEARTBEAT_TIMEOUT_S  optional: seconds without a heartbeat after which a process
+                             counts as dead and every other process exits with an error
+                             (JAX's default is 100; the coordination service, not the
+                             collectives, notices: a peer blocked in an all-reduce with a dead
+                             process would otherwise wait forever)
 
 With none of the first three set, JAX's auto-detection runs (and CLASP_LOCAL_DEVICE_IDS, if
 set, still picks the GPUs). Setting some but not all of them is an error, not a silent
@@ -27,6 +32,7 @@ COORDINATOR_ADDRESS = "CLASP_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "CLASP_NUM_PROCESSES"
 PROCESS_ID = "CLASP_PROCESS_ID"
 LOCAL_DEVICE_IDS = "CLASP_LOCAL_DEVICE_IDS"
+HEARTBEAT_TIMEOUT = "CLASP_HEARTBEAT_TIMEOUT_S"
 _REQUIRED_TOGETHER = (COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)
 
 
@@ -63,6 +69,11 @@ def initialize_arguments(environ: Mapping[str, str] | None = None) -> dict[str, 
     if not re.fullmatch(r"[0-9]+(,[0-9]+)*", device_ids):
       raise ValueError(f"{LOCAL_DEVICE_IDS} must be comma-separated integers, got {device_ids!r}")
     arguments["local_device_ids"] = [int(i) for i in device_ids.split(",")]
+  if environ.get(HEARTBEAT_TIMEOUT, "").strip():
+    timeout = _integer(environ, HEARTBEAT_TIMEOUT)
+    if timeout < 1:
+      raise ValueError(f"{HEARTBEAT_TIMEOUT} must be at least 1 second, got {timeout}")
+    arguments["heartbeat_timeout_seconds"] = timeout
   return arguments
 
 

@@ -11,6 +11,7 @@ import json
 import os
 
 import ml_collections
+from etils import epath
 
 from clasp_jax.common.config_args import ConfigError
 
@@ -61,12 +62,11 @@ def upgrade_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config the trainer wrote into `workdir`, upgraded (unlocked: callers may retarget it)."""
   workdir = os.fspath(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / CONFIG_FILE  # Local, or gs://... through its file system.
+  if not path.is_file():
     raise WorkdirError(f"{workdir} is not a training workdir: {path} is missing")
   try:
-    with open(path, encoding="utf-8") as stream:
-      values = json.load(stream)
+    values = json.loads(path.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise WorkdirError(f"{path}: not valid JSON ({error})") from None
   if not isinstance(values, dict):

@@ -82,6 +82,12 @@ class ClaspModel(nn.Module):
   speech_branch_hidden: tuple[int, ...] = ()
   spectrogram_branch_hidden: tuple[int, ...] = ()
   normalize_inputs: bool = False
+  # Activation dtype of the speech and text towers; their parameters stay float32, and the
+  # fusion encoder, its BatchNorm and the loss compute in float32.
+  dtype: Any = jnp.float32
+  # Dropout inside the text tower while training: only where it is fine-tuned. A frozen
+  # tower gives the same embedding of a sentence every step, as the paper's precomputed ones.
+  text_dropout: bool = False
 
   @property
   def resolved_text_kind(self) -> str:
@@ -109,7 +115,7 @@ class ClaspModel(nn.Module):
     if self.speech_kind == "audio":
       self.audio_tower = speech_tower_lib.AudioSpeechTower(
           self.speech_tower or speech_tower_lib.Settings(), mode=self.mode,
-          axis_name=self.axis_name, precision=self.precision)
+          axis_name=self.axis_name, precision=self.precision, dtype=self.dtype)
       # The tower's encoders become top-level parameters ('ssl_encoder', ...), beside
       # 'speech_encoder': one name per pretrained tower for loading and freezing.
       nn.share_scope(self, self.audio_tower)
@@ -133,8 +139,9 @@ class ClaspModel(nn.Module):
       diagnostics["ssl/pooled"] = tower_out["speech"]
     if "spectrogram" in tower_out:
       diagnostics["spectrogram/features"] = tower_out["spectrogram"]
-    embedding = self.speech_encoder(tower_out.get("speech"), tower_out.get("spectrogram"),
-                                    train=train)
+    as_float32 = lambda x: None if x is None else x.astype(jnp.float32)
+    embedding = self.speech_encoder(as_float32(tower_out.get("speech")),
+                                    as_float32(tower_out.get("spectrogram")), train=train)
     return embedding, diagnostics
 
   def _text_embedding(self, batch: Mapping[str, jax.Array], train: bool) -> jax.Array:
@@ -143,7 +150,8 @@ class ClaspModel(nn.Module):
       return batch["text"].astype(jnp.float32)
     _require(batch, ("input_ids", "attention_mask"), "the text encoder's tokens")
     return self.text_encoder(batch["input_ids"], batch["attention_mask"],
-                             deterministic=not train).astype(jnp.float32)
+                             deterministic=not (train and self.text_dropout)
+                             ).astype(jnp.float32)
 
   def embed_speech(self, batch: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
     """L2-normalised speech embeddings (batch, embed_dim) from the speech side of `batch`."""
@@ -153,16 +161,20 @@ class ClaspModel(nn.Module):
     """L2-normalised text embeddings (batch, embed_dim) from the text side of `batch`."""
     return l2_normalize(self._text_embedding(batch, train))
 
-  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
-    speech_embedding, diagnostics = self._speech_embedding(batch, train)
-    zspeech = l2_normalize(speech_embedding)
-    ztext = l2_normalize(self._text_embedding(batch, train))
-
+  def scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
+    """The loss's logit scale and bias (a loss over cached embeddings reads them here)."""
     if self.learn_scale:
       scale = jnp.minimum(jnp.exp(self.logit_scale), self.max_scale)
     else:
       scale = jnp.asarray(self.scale_init, jnp.float32)
     bias = self.logit_bias if self.use_bias else jnp.zeros((), jnp.float32)
+    return scale, bias
+
+  def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
+    speech_embedding, diagnostics = self._speech_embedding(batch, train)
+    zspeech = l2_normalize(speech_embedding)
+    ztext = l2_normalize(self._text_embedding(batch, train))
+    scale, bias = self.scale_and_bias()
 
     out = {
         "scale": scale,
@@ -171,6 +183,18 @@ class ClaspModel(nn.Module):
         **diagnostics,
     }
     return zspeech, ztext, out
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
+  """`config.model.dtype` as a dtype (configs written before the field: float32)."""
+  name = model_config.get("dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.model.dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                      f"got {name!r}")
+  return COMPUTE_DTYPES[name]
 
 
 def _text_kind_and_encoder(model_config: ml_collections.ConfigDict, precision: str,
@@ -200,7 +224,8 @@ def _text_kind_and_encoder(model_config: ml_collections.ConfigDict, precision: s
     raise ConfigError("config.model.text.kind='encoder' needs config.model.text.encoder "
                       "(a sentence-transformers folder)")
   try:
-    return "encoder", text_tower.module_from_folder(text.encoder, precision=precision)
+    return "encoder", text_tower.module_from_folder(text.encoder, precision=precision,
+                                                    dtype=compute_dtype(model_config))
   except (OSError, ValueError) as error:
     raise ConfigError(f"config.model.text.encoder: {error}") from None
 
@@ -240,13 +265,16 @@ def model_from_config(model_config: ml_collections.ConfigDict,
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,
-      use_bias=loss_config.kind == "sigmoid",
+      use_bias=loss_config.kind in ("sigmoid", "sigmoid_chunked"),
       bias_init=loss_config.bias_init,
       axis_name=axis_name,
       text_encoder=text_module,
       speech_kind=speech_kind,
       speech_tower=settings,
       text_kind=text_kind,
+      dtype=compute_dtype(model_config),
+      text_dropout=text_module is not None and int(
+          model_config.get("text", {}).get("trainable_top_layers", 0)) > 0,
   )
 
 
@@ -395,7 +423,8 @@ def build(config: ml_collections.ConfigDict, *, axis_name: str | None = None) ->
   text = config.model.text
   tower = None
   if text.kind == "encoder":
-    tower = text_tower.load(text.encoder, max_length=text.get("max_length", 0) or None)
+    tower = text_tower.load(text.encoder, max_length=text.get("max_length", 0) or None,
+                            dtype=compute_dtype(config.model))
     if tower.embedding_dim != config.model.embed_dim:
       raise ConfigError(f"config.model.embed_dim={config.model.embed_dim} must equal the text "
                         f"tower's embedding width ({tower.embedding_dim})")

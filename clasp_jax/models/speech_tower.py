@@ -215,6 +215,7 @@ def settings_from_config(speech: ml_collections.ConfigDict) -> Settings:
         width_multiplier=spec.width_multiplier, depth_multiplier=spec.depth_multiplier,
         stem_channels=spec.stem_channels, head_channels=spec.head_channels,
         output_dim=spec.output_dim,
+        dropout_rate=spec.get("dropout_rate", spectrogram_encoder.Config.dropout_rate),
         stages=spectrogram_encoder.EFFICIENTNET_B0_STAGES[:num_stages])
   except ValueError as error:
     raise ConfigError(f"config.model.speech.spectrogram: {error}") from None

@@ -305,6 +305,21 @@ def write_index(folder: str | os.PathLike, entries: Sequence[Entry],
 
 
 @dataclasses.dataclass(frozen=True)
+class PartialBatch:
+  """What `embed_audio` returns when some files of a batch could not be embedded (unreadable
+  audio): the rows of the others, and which files they are. The skipped files stay out of
+  the index, so the next update tries them again.
+
+  Attributes:
+    vectors: (kept.sum(), dim) embeddings of the kept files, batch order.
+    kept: (batch,) bool, True for each file that has a row in `vectors`.
+  """
+
+  vectors: np.ndarray
+  kept: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class UpdatePlan:
   """How the current file list differs from an index.
 
@@ -366,7 +381,8 @@ def update_index(folder: str | os.PathLike, paths: Iterable[str | os.PathLike],
   Args:
     folder: the index folder; created when missing.
     paths: the archive's audio files as they are now.
-    embed_audio: paths -> (len(paths), dim) embeddings; called in batches of `batch_size`.
+    embed_audio: paths -> (len(paths), dim) embeddings, or a `PartialBatch` when some files
+      cannot be embedded; called in batches of `batch_size`.
     model: the model behind `embed_audio`; an index made by another one is re-embedded.
     dtype: storage dtype; None keeps the existing index's (float32 for a new one).
     transcribe: optional paths -> transcripts, called on the same batches.
@@ -419,7 +435,17 @@ def update_index(folder: str | os.PathLike, paths: Iterable[str | os.PathLike],
   for start in range(0, len(plan.to_embed), batch_size):
     batch = plan.to_embed[start:start + batch_size]
     batch_paths = [stat.path for stat in batch]
-    vectors = unit_rows(embed_audio(batch_paths), batch_paths)
+    embedded = embed_audio(batch_paths)
+    if isinstance(embedded, PartialBatch):
+      kept = np.asarray(embedded.kept, bool)
+      if kept.shape != (len(batch),):
+        raise ValueError(f"embed_audio kept {kept.shape} of a batch of {len(batch)} files")
+      batch = [stat for stat, keep in zip(batch, kept) if keep]
+      batch_paths = [stat.path for stat in batch]
+      embedded = embedded.vectors
+      if not batch:
+        continue
+    vectors = unit_rows(embedded, batch_paths)
     if len(vectors) != len(batch) or (dim is not None and vectors.shape[1] != dim):
       raise ValueError(f"embed_audio returned shape {vectors.shape} for {len(batch)} files"
                        + (f" of an index with dim {dim}" if dim is not None else ""))
@@ -435,6 +461,8 @@ def update_index(folder: str | os.PathLike, paths: Iterable[str | os.PathLike],
         plan.to_embed):
       commit()
       since_commit = 0
+  if dim is None:  # Nothing to copy and nothing embedded: no rows to make an index of.
+    raise ValueError(f"none of the {len(plan.to_embed)} audio files could be embedded")
   commit()
   return SearchIndex.load(folder), plan
 

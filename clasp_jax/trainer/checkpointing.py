@@ -12,7 +12,15 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 import orbax.checkpoint as ocp
+
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """A workdir as an epath: local folders made absolute (Orbax wants that), and gs:// or
+  other remote paths as they are, read and written through their own file systems."""
+  workdir = os.fspath(workdir)
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 class Checkpointer:
@@ -23,8 +31,9 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.best_directory = os.path.join(os.path.abspath(workdir), "best")
+    workdir = workdir_path(workdir)
+    self.directory = workdir / "checkpoints"
+    self.best_directory = workdir / "best"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self.every_steps = every_steps
@@ -112,7 +121,7 @@ class Checkpointer:
     if step in self._best.all_steps():
       return self._best, step
     available = sorted(set(self._manager.all_steps()) | set(self._best.all_steps()))
-    raise FileNotFoundError(f"no checkpoint of step {step} in {os.path.dirname(self.directory)}"
+    raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory.parent}"
                             f" (steps: {available or 'none'})")
 
   def wait(self) -> None:

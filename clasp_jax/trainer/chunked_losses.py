@@ -130,7 +130,7 @@ def chunked_sigmoid_loss(zspeech: jax.Array, ztext: jax.Array, scale: jax.Array,
 def grad_cache_value_and_grad(
     embed: Callable[[Any, Any], tuple[jax.Array, jax.Array]],
     loss: Callable[[Any, jax.Array, jax.Array], jax.Array],
-    params: Any, micro_batches: Any) -> tuple[jax.Array, Any]:
+    params: Any, micro_batches: Any, *, has_aux: bool = False) -> tuple[Any, Any]:
   """The loss over K accumulated micro-batches as one batch, and its gradient, one
   micro-batch of activations at a time.
 
@@ -157,9 +157,13 @@ def grad_cache_value_and_grad(
     different network than the one differentiated in step 3: put micro-batch k's key in the
     micro-batch (e.g. `jax.random.fold_in(rng, k)`), never draw it inside `embed`.
   Without either, the result equals `jax.value_and_grad` of the loss over the whole batch.
+
+  With `has_aux`, `embed` returns `(zspeech, ztext, aux)` (e.g. updated BatchNorm
+  statistics) and the value is `(loss, aux)`, aux stacked over the K micro-batches of pass 1.
   """
   frozen = jax.lax.stop_gradient(params)
-  zspeech, ztext = jax.lax.map(lambda micro_batch: embed(frozen, micro_batch), micro_batches)
+  embedded = jax.lax.map(lambda micro_batch: embed(frozen, micro_batch), micro_batches)
+  zspeech, ztext = embedded[:2]
   micro_count, rows = zspeech.shape[:2]
   flatten = lambda z: z.reshape((micro_count * rows,) + z.shape[2:])
   value, (grads, dzspeech, dztext) = jax.value_and_grad(loss, argnums=(0, 1, 2))(
@@ -167,10 +171,10 @@ def grad_cache_value_and_grad(
 
   def backpropagate(total, inputs):
     micro_batch, dzspeech_k, dztext_k = inputs
-    _, pullback = jax.vjp(lambda p: embed(p, micro_batch), params)
+    _, pullback = jax.vjp(lambda p: tuple(embed(p, micro_batch)[:2]), params)
     (grads_k,) = pullback((dzspeech_k, dztext_k))
     return jax.tree.map(jnp.add, total, grads_k), None
 
   grads, _ = jax.lax.scan(backpropagate, grads, (micro_batches, dzspeech.reshape(zspeech.shape),
                                                  dztext.reshape(ztext.shape)))
-  return value, grads
+  return ((value, embedded[2]) if has_aux else value), grads

@@ -22,10 +22,10 @@ so the fresh optimizer state stays valid:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
+from etils import epath
 import numpy as np
 
 from clasp_jax.common import mismatch
@@ -70,8 +70,8 @@ def load_variables(workdir: str, params: Any, batch_stats: Any, *,
   have exactly their names and shapes (they come back in the same structure and dtypes).
   Raises ConfigError when the workdir has no checkpoint or the weights do not fit.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
     raise ConfigError(f"init_from={workdir}: not a training workdir with checkpoints "
                       f"({directory} is missing)")
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)

@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LOSSES = ("softmax", "sigmoid")
+from clasp_jax.trainer import chunked_losses
+
+LOSSES = ("softmax", "sigmoid", "sigmoid_chunked")
+# Losses with a learnt bias beside the scale.
+SIGMOID_LOSSES = ("sigmoid", "sigmoid_chunked")
 
 
 def _gather(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
@@ -60,6 +64,11 @@ def contrastive_loss(kind: str, zspeech: jax.Array, ztext: jax.Array, out: dict,
     return softmax_contrastive_loss(zspeech, ztext, out["scale"], axis_name=axis_name)
   if kind == "sigmoid":
     return sigmoid_contrastive_loss(zspeech, ztext, out["scale"], out["bias"], axis_name=axis_name)
+  if kind == "sigmoid_chunked":
+    # The same loss without gathering every device's text (chunked_losses.py): memory per
+    # device grows with the local batch, not the global one.
+    return chunked_losses.chunked_sigmoid_loss(zspeech, ztext, out["scale"], out["bias"],
+                                               axis_name=axis_name)
   raise ValueError(f"loss kind must be one of {LOSSES}, got {kind!r}")
 
 

@@ -1,4 +1,10 @@
-"""Scalar logging: TensorBoard event files and `metrics.jsonl`, from process 0 only."""
+"""Scalar logging: TensorBoard event files and `metrics.jsonl`, from process 0 only.
+
+The workdir may be local or on Cloud Storage (gs://...): metrics.jsonl goes through
+etils.epath and TensorBoard through tensorboardX's own gs:// writer. A Cloud Storage object
+cannot be appended to, so there metrics.jsonl is rewritten whole at each log step (it holds
+one short line per log step).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import os
 from typing import Mapping
 
 import jax
+from etils import epath
 
 
 class MetricWriter:
@@ -17,24 +24,25 @@ class MetricWriter:
   checkpoint) are dropped from both, so the logs describe one consistent run.
   """
 
-  def __init__(self, workdir: str, *, resume_step: int = 0):
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    workdir = os.fspath(workdir)
+    self.jsonl_path = epath.Path(workdir) / "metrics.jsonl"
+    self._appendable = "://" not in workdir
+    self._lines: list[str] = []
     self._tensorboard = None
     if not self.enabled:
       return
-    if resume_step and os.path.exists(self.jsonl_path):
-      self._truncate_after(resume_step)
+    if self.jsonl_path.exists():
+      self._lines = [line + "\n" for line in self.jsonl_path.read_text().splitlines()
+                     if line.strip() and (not resume_step or
+                                          json.loads(line).get("step", 0) <= resume_step)]
+      if resume_step:
+        self.jsonl_path.write_text("".join(self._lines))
     import tensorboardX  # Imported here: only process 0 writes.
     self._tensorboard = tensorboardX.SummaryWriter(
-        logdir=os.path.join(workdir, "tensorboard"),
+        logdir=str(epath.Path(workdir) / "tensorboard"),
         purge_step=resume_step + 1 if resume_step else None)
-
-  def _truncate_after(self, step: int) -> None:
-    with open(self.jsonl_path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.jsonl_path, "w") as f:
-      f.writelines(kept)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled or not scalars:
@@ -44,8 +52,13 @@ class MetricWriter:
       value = float(value)
       record[name] = value if math.isfinite(value) else str(value)
       self._tensorboard.add_scalar(name, value, int(step))
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    self._lines.append(line)
+    if self._appendable:
+      with self.jsonl_path.open("a") as f:
+        f.write(line)
+    else:
+      self.jsonl_path.write_text("".join(self._lines))
     self._tensorboard.flush()
 
   def close(self) -> None:

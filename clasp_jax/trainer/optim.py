@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import optax
 
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "step")
 
 
@@ -106,7 +106,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
 
 def make_optimizer(config: ml_collections.ConfigDict, params, *, total_steps: int,
                    steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam/AdamW with optional global-norm clipping, for `params` (the trainable subtree)."""
+  """Adam/AdamW/SGD with optional global-norm clipping, for `params` (the trainable subtree)."""
   opt = config.optimizer
   schedule = learning_rate_schedule(config, total_steps=total_steps,
                                     steps_per_epoch=steps_per_epoch)
@@ -117,6 +117,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params, *, total_steps: in
     decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
     base = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
+  elif opt.name == "sgd":
+    # Momentum b1. Unlike Adam it does not divide by the gradient's own size, so gradients
+    # that are rounding noise (a bias whose only path runs through BatchNorm) stay noise:
+    # runs over different device layouts agree to float32 rounding.
+    base = optax.sgd(schedule, momentum=opt.b1 or None)
   else:
     raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
   chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []

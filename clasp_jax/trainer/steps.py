@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from clasp_jax.common.mesh import DATA_AXIS as AXIS
-from clasp_jax.trainer import losses, optim
+from clasp_jax.trainer import chunked_losses, losses, optim
 from clasp_jax.trainer.state import TrainState
 
 
@@ -99,6 +99,98 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   }
   if ctc_weight:
     metrics.update({f"train/{name}_loss": value for name, value in parts.items()})
+  if schedule is not None:
+    metrics["train/learning_rate"] = schedule(state.step)
+  return new_state, metrics
+
+
+def accumulated_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+                           tx: optax.GradientTransformation, loss_kind: str,
+                           accumulation_steps: int, schedule: optax.Schedule | None = None,
+                           frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` over `accumulation_steps` micro-batches, one of them in memory at a time.
+
+  Each device cuts its rows into K consecutive micro-batches and runs GradCache
+  (chunked_losses.grad_cache_value_and_grad): the contrastive loss still scores every pair of
+  the whole global batch, so in-batch negatives do not shrink with K; activations are held
+  for one micro-batch; the cost is one extra forward pass per micro-batch.
+
+  What differs from `train_step` over the same global batch, because of BatchNorm (the
+  fusion encoder has it) and dropout:
+  - training-mode BatchNorm normalises each micro-batch (its rows on every device, B / K
+    rows) with that micro-batch's statistics, not the whole batch's, so embeddings, loss and
+    gradients are those of K smaller BatchNorm batches (equal to the plain step only when
+    K = 1, or with BatchNorm in evaluation mode);
+  - the running statistics take one momentum update per step towards the mean of the K
+    micro-batches' statistics: the mean is the whole batch's mean, the variance misses the
+    spread between micro-batch means;
+  - micro-batch k draws its dropout masks from fold_in(step key, k), the same key in both
+    GradCache passes, so they differ from the plain step's masks.
+  The result equals plain back-propagation through that same computation (tested), holding
+  every micro-batch's activations at once.
+  """
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                   jax.lax.axis_index(AXIS))
+  if frozen is None:
+    trainable, fixed = state.params, {}
+  else:
+    trainable, fixed = optim.split_trainable(state.params, frozen)
+  merge = (lambda t: optim.merge_params(t, fixed)) if frozen is not None else (lambda t: t)
+  micro_batches = {
+      "batch": jax.tree.map(lambda x: x.reshape((accumulation_steps, -1) + x.shape[1:]), batch),
+      "rng": jax.vmap(lambda k: jax.random.fold_in(dropout_rng, k))(
+          jnp.arange(accumulation_steps)),
+  }
+
+  def embed(trainable, micro_batch):
+    variables = {"params": merge(trainable), "batch_stats": state.batch_stats}
+    (zspeech, ztext, out), updates = model.apply(
+        variables, micro_batch["batch"], train=True, rngs={"dropout": micro_batch["rng"]},
+        mutable=["batch_stats"])
+    return zspeech, ztext, (updates["batch_stats"], out["speech/norm"])
+
+  def loss_fn(trainable, zspeech, ztext):
+    scale, bias = model.apply({"params": merge(trainable)}, method="scale_and_bias")
+    return losses.contrastive_loss(loss_kind, zspeech, ztext, {"scale": scale, "bias": bias},
+                                   axis_name=AXIS)
+
+  (loss, (batch_stats, speech_norm)), grads = chunked_losses.grad_cache_value_and_grad(
+      embed, loss_fn, trainable, micro_batches, has_aux=True)
+  scale, _ = model.apply({"params": merge(trainable)}, method="scale_and_bias")
+  out = {"scale": scale, "speech/norm": jnp.mean(speech_norm)}
+  return apply_gradients(state, trainable, fixed, grads, loss,
+                         jax.tree.map(lambda s: jnp.mean(s, axis=0), batch_stats), out, tx=tx,
+                         schedule=schedule, frozen=frozen)
+
+
+def apply_gradients(state: TrainState, trainable: Any, fixed: Any, grads: Any, loss: jax.Array,
+                    batch_stats: Any, out: dict[str, jax.Array], *,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule | None,
+                    frozen: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The update of `train_step` from this device's loss and gradients (its non-finite
+  guards, documented there), and the step's metrics."""
+  grads, loss = mean_over_devices((grads, loss))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  loss_finite = jnp.isfinite(loss)
+  sanitize = lambda tree: jax.tree.map(
+      lambda x: jnp.where(loss_finite & jnp.isfinite(x), x, 0.0), tree)
+  updates, opt_state = tx.update(sanitize(grads), state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, sanitize(updates))
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optim.merge_params(trainable, fixed) if frozen is not None else trainable,
+      batch_stats=jax.tree.map(lambda n, o: jnp.where(loss_finite, n, o), batch_stats,
+                               state.batch_stats),
+      opt_state=opt_state,
+      nonfinite_steps=jnp.where(finite, 0, state.nonfinite_steps + 1),
+  )
+  metrics = {
+      "train/loss": loss,
+      "train/grad_norm": grad_norm,
+      "train/logit_scale": out["scale"],
+      "train/speech_norm": mean_over_devices(out["speech/norm"]),
+  }
   if schedule is not None:
     metrics["train/learning_rate"] = schedule(state.step)
   return new_state, metrics

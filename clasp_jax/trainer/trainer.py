@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -57,10 +57,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        or config.data.get("corpus", None),
        "config.loss.ctc_weight > 0 needs a CTC head: set config.model.speech.ctc_vocabulary "
        "(its characters)"),
+      (not config.loss.get("ctc_weight", 0.0) or _accumulation_steps(config) == 1,
+       "config.loss.ctc_weight > 0 does not combine with config.accumulation_steps > 1 yet"),
+      (_accumulation_steps(config) >= 1, "config.accumulation_steps must be at least 1"),
+      (config.batch_size % (num_devices * max(_accumulation_steps(config), 1)) == 0,
+       f"config.batch_size={config.batch_size} does not divide into "
+       f"config.accumulation_steps={_accumulation_steps(config)} micro-batches on each of the "
+       f"{num_devices} devices"),
   ]
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
+
+
+def _accumulation_steps(config: ml_collections.ConfigDict) -> int:
+  return int(config.get("accumulation_steps", 1))
 
 
 def _format_duration(seconds: float) -> str:
@@ -68,10 +79,9 @@ def _format_duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _write_text(path: str, text: str) -> None:
+def _write_text(path: epath.Path, text: str) -> None:
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(text)
+    path.write_text(text)
 
 
 def _data_record(config: ml_collections.ConfigDict, num_train: int) -> dict:
@@ -84,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = upgrade_config(config)
   mesh = Mesh(np.asarray(jax.devices()), (steps.AXIS,))
   validate_config(config, mesh.size)
-  os.makedirs(workdir, exist_ok=True)
+  # epath: a workdir may be local or on Cloud Storage (gs://...), the same code for both.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info("mesh: %d devices (%s) over %d processes", mesh.size, jax.devices()[0].platform,
                jax.process_count())
 
@@ -119,8 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           config, params, total_steps=total_steps, steps_per_epoch=steps_per_epoch)[0])
   schedule = optim.learning_rate_schedule(config, total_steps=total_steps,
                                           steps_per_epoch=steps_per_epoch)
-  _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
-  _write_text(os.path.join(workdir, "parameters.txt"),
+  _write_text(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2) + "\n")
+  _write_text(epath.Path(workdir) / "parameters.txt",
               optim.parameter_overview(state.params, frozen))
 
   # ---------------------------------------------------------------- Checkpoint restore.
@@ -152,10 +163,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Steps.
   loss_kind = config.loss.kind
+  if _accumulation_steps(config) > 1:
+    step_fn = functools.partial(steps.accumulated_train_step,
+                                accumulation_steps=_accumulation_steps(config))
+  else:
+    step_fn = steps.train_step
+  # The auxiliary CTC loss (the embedded default); validate_config keeps it off accumulation.
+  ctc_weight = float(config.loss.get("ctc_weight", 0.0))
+  step_options = {"ctc_weight": ctc_weight} if ctc_weight else {}
   train_fn = steps.shard_over_mesh(
-      functools.partial(steps.train_step, model=model, tx=tx, loss_kind=loss_kind,
-                        schedule=schedule, frozen=frozen,
-                        ctc_weight=float(config.loss.get("ctc_weight", 0.0))),
+      functools.partial(step_fn, model=model, tx=tx, loss_kind=loss_kind,
+                        schedule=schedule, frozen=frozen, **step_options),
       mesh, donate_state=True)
   eval_loss_fn = steps.shard_over_mesh(
       functools.partial(steps.eval_loss_step, model=model, loss_kind=loss_kind), mesh)
@@ -198,6 +216,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     return last_eval
 
+  # Each process reads only its rows of every global batch; the log says which, so a
+  # multi-host run can be checked (the rows of all processes make up the sampler's batch).
+  local_rows = train_input.sampler.local_indices(start_step)
+  logging.info("input: process %d of %d reads %d of the %d rows of each batch; step %d "
+               "examples %s", jax.process_index(), jax.process_count(), len(local_rows),
+               config.batch_size, start_step, ",".join(map(str, local_rows)))
   batches = train_input.iterate(start_step=start_step)
   window: list[dict[str, jax.Array]] = []
   window_start = time.perf_counter()

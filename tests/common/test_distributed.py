@@ -61,3 +61,11 @@ def test_inconsistent_variables_are_clear_errors_before_initialize(calls, enviro
   with pytest.raises(ValueError, match=message):
     distributed.initialize_from_environment(environ)
   assert calls == []
+
+
+def test_heartbeat_timeout_is_passed_and_checked(calls):
+  distributed.initialize_from_environment(dict(EXPLICIT, CLASP_HEARTBEAT_TIMEOUT_S="7"))
+  assert calls[-1]["heartbeat_timeout_seconds"] == 7
+  for bad in ("0", "-3", "soon"):
+    with pytest.raises(ValueError, match="CLASP_HEARTBEAT_TIMEOUT_S"):
+      distributed.initialize_arguments(dict(EXPLICIT, CLASP_HEARTBEAT_TIMEOUT_S=bad))

@@ -253,6 +253,41 @@ def test_update_embeds_only_new_and_changed_files(tmp_path):
   assert len(index) == 0 and len(plan.removed) == 6 and index.dim == 8
 
 
+def test_files_an_embedder_sets_aside_stay_out_and_are_tried_again(tmp_path):
+  paths = make_archive(tmp_path / "audio")
+  folder = tmp_path / "index"
+  broken = {paths[1], paths[4]}
+  calls = []
+
+  def embed_some(batch):
+    calls.append(list(batch))
+    kept = np.array([path not in broken for path in batch])
+    rows = [fake_embedding(path) for path in batch if path not in broken]
+    return si.PartialBatch(np.stack(rows) if rows else np.zeros((0, 8)), kept)
+
+  transcribed = []
+  index, _ = si.update_index(folder, paths, embed_some, batch_size=2,
+                             transcribe=lambda batch: transcribed.extend(batch) or
+                             [os.path.basename(p) for p in batch])
+  assert [entry.path for entry in index.entries] == [p for p in paths if p not in broken]
+  assert transcribed == [p for p in paths if p not in broken]  # Only kept files.
+  np.testing.assert_allclose(index.embeddings[1], si.unit_rows(
+      fake_embedding(paths[2])[None])[0], rtol=1e-6)  # Rows stay with their files.
+  assert index.entries[1].transcript == "clip2.wav"
+
+  broken.discard(paths[4])  # Readable now: the next update embeds it, and only the skipped.
+  calls.clear()
+  index, plan = si.update_index(folder, paths, embed_some, batch_size=2)
+  assert [stat.path for stat in plan.new] == [paths[1], paths[4]]
+  assert calls == [[paths[1], paths[4]]]
+  assert len(index) == 5 and paths[4] in [entry.path for entry in index.entries]
+
+  broken.update(paths)  # Nothing readable and no index yet: a clear error, no index.
+  with pytest.raises(ValueError, match="none of the 6 audio files could be embedded"):
+    si.update_index(tmp_path / "other", paths, embed_some)
+  assert not (tmp_path / "other" / "index.json").exists()
+
+
 def test_find_audio_files(tmp_path):
   for name in ("b/2.FLAC", "b/1.wav", "a.mp3", "notes.txt", ".hidden.wav", "c/d/e.ogg"):
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -19,28 +19,14 @@ from clasp_jax.models import text_tower
 from clasp_jax.retrieval import metrics
 from clasp_jax.trainer import trainer
 from clasp_jax.trainer.checkpointing import Checkpointer
-from configs import base
+from tests.helpers import audio_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOTAL_STEPS = 24
 
 
 def audio_config(dataset, encoder):
-  config = base.get_config("tiny,speech=audio")
-  config.data.kind = "audio"
-  config.data.datasets = dataset
-  config.data.max_duration_s = 1.0
-  config.data.length_buckets_s = (0.5,)
-  config.model.text.kind = "encoder"
-  config.model.text.encoder = encoder
-  config.model.text.max_length = 16
-  config.batch_size = config.eval_batch_size = 16
-  config.total_steps = TOTAL_STEPS
-  config.schedule.warmup_steps = 2
-  config.optimizer.learning_rate = 3e-3
-  config.log_every_steps = 4
-  config.eval_every_steps = config.checkpoint_every_steps = 12
-  return config
+  return audio_workdir.audio_config(dataset, encoder, total_steps=TOTAL_STEPS)
 
 
 def _jsonl(path):
@@ -49,11 +35,8 @@ def _jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tone_corpus, labse_like_dir):
-  workdir = tmp_path_factory.mktemp("audio_run")
-  config = audio_config(tone_corpus, labse_like_dir)
-  trainer.train_and_evaluate(config, str(workdir))
-  return workdir, config
+def trained(trained_audio_workdir):
+  return trained_audio_workdir
 
 
 def _params(workdir, step):
