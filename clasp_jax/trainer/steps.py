@@ -61,34 +61,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     return loss, (updates["batch_stats"], out)
 
   (loss, (batch_stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  grads, loss = mean_over_devices((grads, loss))
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # The guards are elementwise selects on a scalar known before the backward pass (the loss)
-  # or on each element itself, so XLA fuses them into the optimizer's loops. Gating on the
-  # gradient norm instead forces every gradient to be stored and re-read (1.7x slower on CPU).
-  loss_finite = jnp.isfinite(loss)
-  sanitize = lambda tree: jax.tree.map(
-      lambda x: jnp.where(loss_finite & jnp.isfinite(x), x, 0.0), tree)
-  updates, opt_state = tx.update(sanitize(grads), state.opt_state, trainable)
-  trainable = optax.apply_updates(trainable, sanitize(updates))
-  new_state = state.replace(
-      step=state.step + 1,
-      params=optim.merge_params(trainable, fixed) if frozen is not None else trainable,
-      batch_stats=jax.tree.map(lambda n, o: jnp.where(loss_finite, n, o), batch_stats,
-                               state.batch_stats),
-      opt_state=opt_state,
-      nonfinite_steps=jnp.where(finite, 0, state.nonfinite_steps + 1),
-  )
-  metrics = {
-      "train/loss": loss,
-      "train/grad_norm": grad_norm,
-      "train/logit_scale": out["scale"],
-      "train/speech_norm": mean_over_devices(out["speech/norm"]),
-  }
-  if schedule is not None:
-    metrics["train/learning_rate"] = schedule(state.step)
-  return new_state, metrics
+  return apply_gradients(state, trainable, fixed, grads, loss, batch_stats, out, tx=tx,
+                         schedule=schedule, frozen=frozen)
 
 
 def accumulated_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -159,6 +133,9 @@ def apply_gradients(state: TrainState, trainable: Any, fixed: Any, grads: Any, l
   grads, loss = mean_over_devices((grads, loss))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # The guards are elementwise selects on a scalar known before the backward pass (the loss)
+  # or on each element itself, so XLA fuses them into the optimizer's loops. Gating on the
+  # gradient norm instead forces every gradient to be stored and re-read (1.7x slower on CPU).
   loss_finite = jnp.isfinite(loss)
   sanitize = lambda tree: jax.tree.map(
       lambda x: jnp.where(loss_finite & jnp.isfinite(x), x, 0.0), tree)
