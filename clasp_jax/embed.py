@@ -26,17 +26,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) >= 2 and argv[1] in SUBCOMMANDS:
-    module = importlib.import_module(SUBCOMMANDS[argv[1]])
-    # The sub-command sees itself as the program, so its flags parse as usual.
-    return module.run([f"{argv[0]} {argv[1]}"] + argv[2:])
-  if len(argv) >= 2 and argv[1] in cli.HELP_ARGUMENTS:
-    print(f"{__doc__.strip()}\n\nusage: python -m clasp_jax.embed {{{','.join(SUBCOMMANDS)}}} "
-          "[flags]")
-    return 0
-  given = f", got {argv[1]!r}" if len(argv) >= 2 else ""
-  return cli.report_error(f"expected a sub-command, one of {', '.join(SUBCOMMANDS)}{given}",
-                          usage=True)
+  return cli.dispatch(argv, program="embed", doc=__doc__, subcommands={
+      name: (lambda module=module: importlib.import_module(module).run)
+      for name, module in SUBCOMMANDS.items()})
 
 
 if __name__ == "__main__":

@@ -23,18 +23,14 @@ from clasp_jax.common import cli
 SUBCOMMANDS = ("index", "query", "serve")
 
 
+def _command(name: str):
+  from clasp_jax.inference import archive_search  # The model code loads only for a command.
+  return archive_search.SUBCOMMANDS[name]
+
+
 def main(argv: list[str]) -> int:
-  if len(argv) >= 2 and argv[1] in SUBCOMMANDS:
-    from clasp_jax.inference import archive_search
-    # The sub-command sees itself as the program, so its flags parse as usual.
-    return archive_search.SUBCOMMANDS[argv[1]]([f"{argv[0]} {argv[1]}"] + argv[2:])
-  if len(argv) >= 2 and argv[1] in cli.HELP_ARGUMENTS:
-    print(f"{__doc__.strip()}\n\nusage: python -m clasp_jax.search {{{','.join(SUBCOMMANDS)}}} "
-          "[flags]")
-    return 0
-  given = f", got {argv[1]!r}" if len(argv) >= 2 else ""
-  return cli.report_error(f"expected a sub-command, one of {', '.join(SUBCOMMANDS)}{given}",
-                          usage=True)
+  return cli.dispatch(argv, program="search", doc=__doc__, subcommands={
+      name: (lambda name=name: _command(name)) for name in SUBCOMMANDS})
 
 
 if __name__ == "__main__":

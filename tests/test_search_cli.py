@@ -29,6 +29,9 @@ from clasp_jax.trainer.checkpointing import Checkpointer
 from configs import base
 from tests.helpers.devtools import AUDIO_DURATION, HITS
 
+# With `-n 2 --dist loadgroup` both modules run on one worker, which trains the shared
+# tiny workdir (tests/conftest.py: trained_audio_workdir) once.
+pytestmark = pytest.mark.xdist_group("trained_audio_workdir")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_BATCH = 24  # Test clips in the archive at first; the rest arrive later.
 

@@ -175,6 +175,23 @@ def run(main: Callable[..., int | None], argv: Sequence[str] | None, *,
   return 0 if code is None else int(code)
 
 
+def dispatch(argv: Sequence[str], *, program: str, doc: str | None,
+             subcommands: dict[str, Callable[[], Callable[[list[str]], int]]]) -> int:
+  """`python -m clasp_jax.<program> SUB [flags]`: runs SUB's command (`subcommands[SUB]()`
+  returns its run function, imported only then), which sees `<program> SUB` as argv[0] so
+  its flags parse as usual; --help lists the sub-commands; anything else is a usage error."""
+  argv = list(argv)
+  if len(argv) >= 2 and argv[1] in subcommands:
+    return subcommands[argv[1]]()([f"{argv[0]} {argv[1]}"] + argv[2:])
+  if len(argv) >= 2 and argv[1] in HELP_ARGUMENTS:
+    print(f"{(doc or '').strip()}\n\nusage: python -m clasp_jax.{program} "
+          f"{{{','.join(subcommands)}}} [flags]")
+    return 0
+  given = f", got {argv[1]!r}" if len(argv) >= 2 else ""
+  return report_error(f"expected a sub-command, one of {', '.join(subcommands)}{given}",
+                      usage=True)
+
+
 def format_duration(seconds: float) -> str:
   """h:mm:ss ('-:--:--' when unknown)."""
   if not math.isfinite(seconds) or seconds < 0:

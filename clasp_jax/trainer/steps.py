@@ -72,36 +72,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   (loss, (batch_stats, out, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       trainable)
-  grads, loss, parts = mean_over_devices((grads, loss, parts))
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # The guards are elementwise selects on a scalar known before the backward pass (the loss)
-  # or on each element itself, so XLA fuses them into the optimizer's loops. Gating on the
-  # gradient norm instead forces every gradient to be stored and re-read (1.7x slower on CPU).
-  loss_finite = jnp.isfinite(loss)
-  sanitize = lambda tree: jax.tree.map(
-      lambda x: jnp.where(loss_finite & jnp.isfinite(x), x, 0.0), tree)
-  updates, opt_state = tx.update(sanitize(grads), state.opt_state, trainable)
-  trainable = optax.apply_updates(trainable, sanitize(updates))
-  new_state = state.replace(
-      step=state.step + 1,
-      params=optim.merge_params(trainable, fixed) if frozen is not None else trainable,
-      batch_stats=jax.tree.map(lambda n, o: jnp.where(loss_finite, n, o), batch_stats,
-                               state.batch_stats),
-      opt_state=opt_state,
-      nonfinite_steps=jnp.where(finite, 0, state.nonfinite_steps + 1),
-  )
-  metrics = {
-      "train/loss": loss,
-      "train/grad_norm": grad_norm,
-      "train/logit_scale": out["scale"],
-      "train/speech_norm": mean_over_devices(out["speech/norm"]),
-  }
-  if ctc_weight:
-    metrics.update({f"train/{name}_loss": value for name, value in parts.items()})
-  if schedule is not None:
-    metrics["train/learning_rate"] = schedule(state.step)
-  return new_state, metrics
+  return apply_gradients(state, trainable, fixed, grads, loss, batch_stats, out, tx=tx,
+                         schedule=schedule, frozen=frozen,
+                         loss_parts=parts if ctc_weight else None)
 
 
 def accumulated_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -166,12 +139,17 @@ def accumulated_train_step(state: TrainState, batch: dict[str, jax.Array], *, mo
 def apply_gradients(state: TrainState, trainable: Any, fixed: Any, grads: Any, loss: jax.Array,
                     batch_stats: Any, out: dict[str, jax.Array], *,
                     tx: optax.GradientTransformation, schedule: optax.Schedule | None,
-                    frozen: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+                    frozen: Any, loss_parts: dict[str, jax.Array] | None = None
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
   """The update of `train_step` from this device's loss and gradients (its non-finite
-  guards, documented there), and the step's metrics."""
-  grads, loss = mean_over_devices((grads, loss))
+  guards, documented there), and the step's metrics (`loss_parts`, the terms of a loss made
+  of several, logged as train/<name>_loss)."""
+  grads, loss, loss_parts = mean_over_devices((grads, loss, loss_parts or {}))
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # The guards are elementwise selects on a scalar known before the backward pass (the loss)
+  # or on each element itself, so XLA fuses them into the optimizer's loops. Gating on the
+  # gradient norm instead forces every gradient to be stored and re-read (1.7x slower on CPU).
   loss_finite = jnp.isfinite(loss)
   sanitize = lambda tree: jax.tree.map(
       lambda x: jnp.where(loss_finite & jnp.isfinite(x), x, 0.0), tree)
@@ -191,6 +169,7 @@ def apply_gradients(state: TrainState, trainable: Any, fixed: Any, grads: Any, l
       "train/logit_scale": out["scale"],
       "train/speech_norm": mean_over_devices(out["speech/norm"]),
   }
+  metrics.update({f"train/{name}_loss": value for name, value in loss_parts.items()})
   if schedule is not None:
     metrics["train/learning_rate"] = schedule(state.step)
   return new_state, metrics

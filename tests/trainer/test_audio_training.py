@@ -21,6 +21,9 @@ from clasp_jax.trainer import trainer
 from clasp_jax.trainer.checkpointing import Checkpointer
 from tests.helpers import audio_workdir
 
+# With `-n 2 --dist loadgroup` both modules run on one worker, which trains the shared
+# tiny workdir (tests/conftest.py: trained_audio_workdir) once.
+pytestmark = pytest.mark.xdist_group("trained_audio_workdir")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOTAL_STEPS = 24
 

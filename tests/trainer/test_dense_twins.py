@@ -115,7 +115,7 @@ def test_audio_mode_train_step_on_8_devices_equals_one_device(tone_corpus, labse
   batches = [train_input.local_batch(step)[0] for step in range(NUM_STEPS)]
   # Clips of different lengths: devices hold different amounts of padding.
   assert len({int(mask.sum()) for mask in batches[0]["audio_mask"]}) > 1
-  state = _assert_twins(config, batches, atol=1e-5)
+  state = _assert_twins(config, batches, atol=1e-4)
   stats = state.batch_stats["spectrogram_encoder"]
   assert any(not np.allclose(leaf, 0.0) and not np.allclose(leaf, 1.0)
              for leaf in jax.tree.leaves(stats))
