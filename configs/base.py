@@ -135,6 +135,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.speech.ssl_dropout = False  # SSL dropout/LayerDrop in training (fine-tuning).
   config.model.speech.remat = False  # Recompute SSL layers in the backward pass.
   config.model.speech.ctc_vocab_size = 0  # > 0: auxiliary CTC head on the SSL frames.
+  # What the SSL encoder's convolutions read: 'waveform' (HuBERT / wav2vec2 as published) or
+  # 'log_mel' (80-bin log-mel frames every 10 ms; for encoders trained from scratch).
+  config.model.speech.ssl_input = "waveform"
   config.model.speech.ssl = ml_collections.ConfigDict(dict(
       model_type="hubert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
       intermediate_size=4096, conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
@@ -341,13 +344,14 @@ def embedded_default(config: ml_collections.ConfigDict) -> None:
   config.model.branch_dropout = (0.1, 0.1)
   speech = config.model.speech
   speech.kind = "audio"
+  speech.ssl_input = "log_mel"
   speech.ssl.update(dict(
       hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-      conv_dim=(32, 64, 128, 192), conv_kernel=(20, 8, 4, 4), conv_stride=(10, 4, 4, 4),
-      num_conv_pos_embeddings=32,
-      num_conv_pos_embedding_groups=16))
+      conv_dim=(192, 192), conv_kernel=(3, 3), conv_stride=(2, 2),
+      num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=16))
   # The spectrogram branch is kept small: a 40-bin log-mel every 20 ms into the first two
-  # EfficientNet stages (a CNN over the full 80 x 100/s image costs 3x the SSL encoder here).
+  # EfficientNet stages (its depthwise convolutions over the SSL encoder's 80 x 100/s image
+  # would cost 2.5x the rest of the step on CPU).
   speech.spectrogram.update(dict(
       n_mels=40, hop_length=320, width_multiplier=0.25, depth_multiplier=0.5, num_stages=2,
       stem_channels=8, head_channels=128, output_dim=128))

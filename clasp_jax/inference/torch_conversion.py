@@ -392,6 +392,11 @@ def export_workdir(workdir: str, output: str, *, checkpoint: int | str = "best",
   if model.speech_kind == "audio":
     from clasp_jax.models import speech_tower  # pylint: disable=g-import-not-at-top
     tower = model.speech_tower or speech_tower.Settings()
+    if "ssl_encoder" in params and tower.ssl_input != "waveform":
+      raise ConversionError(
+          f"{workdir}: its SSL encoder reads {tower.ssl_input} frames "
+          "(config.model.speech.ssl_input), which no Hugging Face HubertModel does; only "
+          "models whose SSL encoder reads waveforms convert to PyTorch")
     if "ssl_encoder" in params:
       _write_ssl_encoder(tower, params["ssl_encoder"], os.path.join(output, SSL_DIR))
       parts.append(f"- `{SSL_DIR}/`: {tower.ssl.model_type} SSL encoder (Hugging Face folder)")

@@ -56,6 +56,7 @@ from clasp_jax.models import wav2vec2_checkpoint
 
 SAMPLE_RATE = 16_000
 MODES = ("joint", "speech", "spectrogram")
+SSL_INPUTS = ("waveform", "log_mel")
 
 # 80-bin log-mel, 25 ms windows every 10 ms at 16 kHz (see the module docstring).
 DEFAULT_FRONT_END = spectrogram.FrontEnd(kind="log_mel", sample_rate=SAMPLE_RATE, n_fft=400,
@@ -78,6 +79,14 @@ class Settings:
     front_end: the spectrogram front-end.
     spectrogram: the spectrogram encoder's architecture.
     ctc_vocab_size: > 0 adds a Dense CTC head on the pooled layer's frames.
+    ssl_input: what the SSL encoder's strided convolutions read: "waveform" (HuBERT and
+      wav2vec2 as published: 1-D convolutions over the samples) or "log_mel" (the frames of
+      `ssl_front_end`, standardised per clip over valid frames and bins, with the mel bins
+      as the first convolution's channels: a speech-recognition front-end that a small
+      encoder trained from scratch learns from far faster; such an encoder is not a Hugging
+      Face HubertModel and does not convert to one).
+    ssl_front_end: the SSL encoder's front-end when ssl_input is "log_mel" (computed once
+      when it equals `front_end`).
   """
 
   ssl: wav2vec2.Config = wav2vec2.Config(has_masked_spec_embed=False)
@@ -88,8 +97,12 @@ class Settings:
   front_end: spectrogram.FrontEnd = DEFAULT_FRONT_END
   spectrogram: spectrogram_encoder.Config = spectrogram_encoder.Config()
   ctc_vocab_size: int = 0
+  ssl_input: str = "waveform"
+  ssl_front_end: spectrogram.FrontEnd = DEFAULT_FRONT_END
 
   def __post_init__(self):
+    if self.ssl_input not in SSL_INPUTS:
+      raise ValueError(f"ssl_input must be one of {SSL_INPUTS}, got {self.ssl_input!r}")
     if self.ssl.ctc_vocab_size is not None:
       raise ValueError("the SSL encoder of the speech tower has no CTC head of its own "
                        "(ssl.ctc_vocab_size must be None); use ctc_vocab_size")
@@ -106,6 +119,17 @@ class Settings:
   @property
   def pools_last_state(self) -> bool:
     return self.layer is None or self.layer == -1
+
+
+def standardize_frames(images: jax.Array, frame_mask: jax.Array) -> jax.Array:
+  """(batch, bins, frames) dB images -> (batch, frames, bins), each clip at zero mean and unit
+  variance over its valid frames and all bins; padded frames 0."""
+  frames = jnp.swapaxes(images, 1, 2).astype(jnp.float32)
+  weights = frame_mask.astype(jnp.float32)[..., None]
+  count = jnp.maximum(jnp.sum(weights, axis=(1, 2), keepdims=True) * frames.shape[-1], 1.0)
+  mean = jnp.sum(frames * weights, axis=(1, 2), keepdims=True) / count
+  variance = jnp.sum(jnp.square(frames - mean) * weights, axis=(1, 2), keepdims=True) / count
+  return jnp.where(frame_mask[..., None], (frames - mean) * jax.lax.rsqrt(variance + 1e-5), 0.0)
 
 
 def normalize_waveform(audio: jax.Array, audio_mask: jax.Array) -> jax.Array:
@@ -149,11 +173,25 @@ class AudioSpeechTower(nn.Module):
     audio = jnp.where(audio_mask, audio.astype(jnp.float32), 0.0)
     lengths = jnp.sum(audio_mask, axis=1).astype(jnp.int32)
     out = {}
+    front_ends = {}  # Each front-end's (images (batch, bins, frames), frame_mask), once.
+
+    def spectrogram_of(front_end):
+      if front_end not in front_ends:
+        front_ends[front_end] = front_end(audio, lengths)
+      return front_ends[front_end]
+
     if self.mode in ("joint", "speech"):
-      waveform = normalize_waveform(audio, audio_mask) if settings.normalize_audio else audio
+      if settings.ssl_input == "log_mel":
+        images, image_mask = spectrogram_of(settings.ssl_front_end)
+        ssl_input = standardize_frames(images, image_mask)  # (batch, frames, bins)
+        ssl_lengths = jnp.sum(image_mask, axis=1).astype(jnp.int32)
+      else:
+        ssl_input = normalize_waveform(audio, audio_mask) if settings.normalize_audio else audio
+        ssl_lengths = lengths
       ssl_encoder = wav2vec2.Model(settings.ssl, dtype=self.dtype, remat=settings.remat,
                                    precision=self.precision, name="ssl_encoder")
-      outputs = ssl_encoder(waveform, lengths, deterministic=not (train and settings.ssl_dropout),
+      outputs = ssl_encoder(ssl_input, ssl_lengths,
+                            deterministic=not (train and settings.ssl_dropout),
                             output_hidden_states=not settings.pools_last_state)
       hidden = (outputs["last_hidden_state"] if settings.pools_last_state
                 else outputs["hidden_states"][settings.layer])
@@ -166,7 +204,7 @@ class AudioSpeechTower(nn.Module):
           out["ctc/logits"] = nn.Dense(settings.ctc_vocab_size, dtype=self.dtype,
                                        name="ctc_head")(hidden)
     if self.mode in ("joint", "spectrogram"):
-      images, frame_mask = settings.front_end(audio, lengths)  # (batch, bins, frames)
+      images, frame_mask = spectrogram_of(settings.front_end)
       out["spectrogram"] = spectrogram_encoder.Model(
           settings.spectrogram, dtype=self.dtype, precision=self.precision,
           axis_name=self.axis_name, name="spectrogram_encoder")(images, frame_mask, train=train)
@@ -222,10 +260,14 @@ def settings_from_config(speech: ml_collections.ConfigDict) -> Settings:
   # A character vocabulary (config.model.speech.ctc_vocabulary) sizes the head: blank + chars.
   vocabulary = speech.get("ctc_vocabulary", "")
   ctc_vocab_size = len(vocabulary) + 1 if vocabulary else speech.ctc_vocab_size
+  ssl_input = speech.get("ssl_input", "waveform")
+  if ssl_input != "waveform" and speech.checkpoint:
+    raise ConfigError(f"config.model.speech.ssl_input={ssl_input!r} is for an SSL encoder "
+                      f"trained from scratch; the checkpoint {speech.checkpoint} reads waveforms")
   try:
     return Settings(ssl=ssl, layer=speech.layer, normalize_audio=normalize_audio,
                     ssl_dropout=speech.ssl_dropout, remat=speech.remat, front_end=front_end,
-                    spectrogram=encoder, ctc_vocab_size=ctc_vocab_size)
+                    spectrogram=encoder, ctc_vocab_size=ctc_vocab_size, ssl_input=ssl_input)
   except ValueError as error:
     raise ConfigError(f"config.model.speech: {error}") from None
 

@@ -245,10 +245,14 @@ class FeatureEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, waveform: jax.Array, waveform_lengths: jax.Array | None) -> jax.Array:
-    """(batch, samples) -> (batch, frames, conv_dim[-1])."""
+    """(batch, samples) -> (batch, frames, conv_dim[-1]).
+
+    A (batch, steps, channels) input (e.g. log-mel frames) is convolved over its steps the
+    same way, the channels being the first convolution's input features.
+    """
     config = self.config
     act = activation(config.feat_extract_activation)
-    features = waveform[..., None].astype(self.dtype)  # (batch, samples, 1)
+    features = (waveform[..., None] if waveform.ndim == 2 else waveform).astype(self.dtype)
     lengths = waveform_lengths
     for index, (dim, kernel, stride) in enumerate(
         zip(config.conv_dim, config.conv_kernel, config.conv_stride)):
@@ -438,8 +442,9 @@ class Model(nn.Module):
 
     Args:
       waveform: (batch, samples) float, already preprocessed as the checkpoint expects
-        (zero-mean unit-variance when its preprocessor says `do_normalize`).
-      waveform_lengths: (batch,) valid samples per row; None means no padding.
+        (zero-mean unit-variance when its preprocessor says `do_normalize`); or (batch,
+        steps, channels) frames (a log-mel spectrogram), which the convolutions stride over.
+      waveform_lengths: (batch,) valid samples (or steps) per row; None means no padding.
       deterministic: False enables dropout and LayerDrop (needs a 'dropout' rng).
       output_hidden_states: also return every layer's hidden state.
       mask_time_indices: optional (batch, frames) bool; masked frames are replaced by the

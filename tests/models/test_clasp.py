@@ -257,6 +257,45 @@ def test_auxiliary_ctc_head_gives_per_frame_logits():
   assert out["ctc/logits"].shape == (4, 199, 7)
 
 
+def log_mel_config(mode="joint"):
+  """The tiny audio model with an SSL encoder over 80-bin log-mel frames (10 ms), its two
+  convolutions striding 2 each: 25 frames a second, as in the embedded default."""
+  config = audio_config(mode, ssl_input="log_mel", ctc_vocab_size=5)
+  config.model.speech.ssl.update(conv_dim=(16, 16), conv_kernel=(3, 3), conv_stride=(2, 2))
+  return config
+
+
+def test_log_mel_ssl_input_strides_over_mel_frames():
+  config = log_mel_config()
+  model = clasp.model_from_config(config.model, config.loss)
+  variables = initialised(model, audio_batch())
+  first_conv = variables["params"]["ssl_encoder"]["feature_extractor"]["conv_layers_0_conv"]
+  assert first_conv["kernel"].shape == (3, 80, 16)  # the mel bins are its input channels
+  batch = audio_batch()
+  together = _apply(model)(variables, batch)
+  # 25 mel frames (centred, 10 ms hop) of a 0.25 s clip -> 12 -> 5 SSL frames.
+  assert together[2]["ssl/hidden"].shape == (4, 5, SSL_DIM)
+  assert together[2]["ctc/logits"].shape == (4, 5, 5)
+  mel_frames = 1 + LENGTHS // 160
+  np.testing.assert_array_equal(np.sum(together[2]["ssl/frame_mask"], axis=1),
+                                ((mel_frames - 3) // 2 + 1 - 3) // 2 + 1)
+  for row in (1, 2):
+    length = LENGTHS[row]
+    alone = _apply(model)(variables, {name: value[row:row + 1, :length] if name != "text"
+                                      else value[row:row + 1] for name, value in batch.items()})
+    np.testing.assert_allclose(together[0][row], alone[0][0], atol=1e-5)
+  assert np.abs(together[0][0] - together[0][1]).max() > 1e-3
+
+
+def test_log_mel_ssl_input_is_only_for_encoders_trained_from_scratch(hubert_dir):
+  config = audio_config("speech", ssl_input="log_mel", checkpoint=hubert_dir[2])
+  with pytest.raises(ConfigError, match="ssl_input='log_mel' is for an SSL encoder trained"):
+    clasp.model_from_config(config.model, config.loss)
+  config = audio_config("speech", ssl_input="mfcc")
+  with pytest.raises(ConfigError, match="ssl_input must be one of"):
+    clasp.model_from_config(config.model, config.loss)
+
+
 def test_spectrogram_statistics_synchronise_over_the_data_axis():
   """model_from_config(axis_name='data') reaches the spectrogram encoder: a train-mode pass
   under shard_map on 8 devices updates its statistics as one device does on the whole batch."""

@@ -94,7 +94,7 @@ def _run_train(workdir, cache, *extra):
       "--config.model.speech.ssl.hidden_size=32", "--config.model.speech.ssl.num_hidden_layers=1",
       "--config.model.speech.ssl.num_attention_heads=2",
       "--config.model.speech.ssl.intermediate_size=64",
-      "--config.model.speech.ssl.conv_dim=(8,16,16,32)",
+      "--config.model.speech.ssl.conv_dim=(16,32)",
       "--config.model.speech.ssl.num_conv_pos_embedding_groups=4",
       "--config.model.speech.spectrogram.num_stages=1",
       "--config.model.speech.spectrogram.head_channels=16",
