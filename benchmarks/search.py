@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -37,17 +36,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed batch searches of each cont
 _LATENCY_REPEATS = flags.DEFINE_integer("latency_repeats", 10, "Timed single queries.")
 _TIE_TOL = flags.DEFINE_float("tie_tol", 1e-6, "Float64 score gap counted as a tie.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random rows and queries.")
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as info:
-      for line in info:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def peak_rss_gib() -> float:
@@ -94,6 +82,7 @@ def main(argv):
   from clasp_jax.retrieval import search_index  # pylint: disable=g-import-not-at-top
 
   num_rows, dim, num_queries, k = _NUM_ROWS.value, _DIM.value, _NUM_QUERIES.value, _K.value
+  from benchmarks.common import cpu_model  # pylint: disable=g-import-not-at-top
   print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); jax {jax.__version__} "
         f"({jax.default_backend()}, {jax.local_device_count()} local device(s)); "
         f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads); "

@@ -20,9 +20,7 @@ JAX time, so above 1 means JAX is faster.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -35,19 +33,6 @@ _ONLY = flags.DEFINE_enum("only", None, ["spectrogram", "hubert"], "Run one benc
 _CLIPS = flags.DEFINE_integer("clips", 64, "Clips in the spectrogram benchmark.")
 _HUBERT_BATCH = flags.DEFINE_integer("hubert_batch", 8, "Clips per HuBERT forward.")
 _SECONDS = flags.DEFINE_float("seconds", 4.0, "Length of every clip.")
-
-
-def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per function; each is warmed up once, then all run in turn each round."""
-  for function in functions.values():
-    function()  # warm-up: jit compilation, allocator and FFT-plan caches
-  times = {name: [] for name in functions}
-  for _ in range(repeats):
-    for name, function in functions.items():
-      start = time.perf_counter()
-      function()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) for name, values in times.items()}
 
 
 def report(name: str, reference_name: str, medians: dict[str, float], target: float) -> float:
@@ -81,6 +66,7 @@ def spectrogram_benchmark(repeats: int) -> float:
     images, _ = front_end(clips, lengths)
     return np.asarray(images)
 
+  from benchmarks.common import interleaved_medians  # pylint: disable=g-import-not-at-top
   expected, got = librosa_loop()[-1], jax_batch()[-1]
   assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-2, "front-end disagrees"
   medians = interleaved_medians({"librosa loop": librosa_loop, "JAX": jax_batch}, repeats)
@@ -122,6 +108,7 @@ def hubert_benchmark(repeats: int) -> float:
   def plain_jax_forward():
     return np.asarray(plain_forward(params, jnp.asarray(waveform)))
 
+  from benchmarks.common import interleaved_medians  # pylint: disable=g-import-not-at-top
   difference = np.abs(jax_forward() - torch_forward()).max()
   assert difference < 1e-3, f"Flax and PyTorch disagree by {difference}"
   medians = interleaved_medians({torch_name: torch_forward, "JAX": jax_forward,

@@ -1,6 +1,6 @@
 """The command-line conventions of every clasp_jax command, in one place.
 
-  python -m clasp_jax.train|evaluate|embed|transcribe|data.build|data.synthesize
+  python -m clasp_jax.train|evaluate|embed|transcribe|extract|data.build|data.synthesize
 
 - `--help` (or -h, --helpshort, --helpfull) prints the command's module docstring and its
   flags to stdout and exits 0.

@@ -11,7 +11,9 @@ mapped so that a split larger than RAM still trains:
   info.json        {"num_examples", "categories": [...], "languages": [...], "source": ...}
   sentences.json   optional: the N sentences, needed when the trainer runs a text tower
 
-`synthetic_features` generates such splits on the fly from a seed (offline default).
+`python -m clasp_jax.extract` writes such splits from built speech-text datasets (its
+spectrogram.npy is (N, 0) when no spectrogram encoder was given: only fusion mode 'speech'
+trains on it). `synthetic_features` generates splits on the fly from a seed (offline default).
 """
 
 from __future__ import annotations

@@ -31,13 +31,19 @@ def _checkpoint(encoder: str | wav2vec2_checkpoint.SpeechCheckpoint,
   return wav2vec2_checkpoint.load(encoder, dtype=dtype)
 
 
-def make_embedding_forward(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint, layer: int | None):
-  """A jitted (batch, lengths) -> (batch, hidden) mean-pooled embedding function."""
+def check_layer(config: wav2vec2.Config, layer: int | None) -> None:
+  """--layer indexes transformers' hidden_states (num_hidden_layers + 1 of them, negative from
+  the end); None is the last hidden state."""
   if layer is not None:
-    num_states = checkpoint.config.num_hidden_layers + 1
+    num_states = config.num_hidden_layers + 1
     if not -num_states <= layer < num_states:
       raise ValueError(f"--layer must be in [{-num_states}, {num_states - 1}] for a "
-                       f"{checkpoint.config.num_hidden_layers}-layer encoder, got {layer}")
+                       f"{config.num_hidden_layers}-layer encoder, got {layer}")
+
+
+def make_embedding_forward(checkpoint: wav2vec2_checkpoint.SpeechCheckpoint, layer: int | None):
+  """A jitted (batch, lengths) -> (batch, hidden) mean-pooled embedding function."""
+  check_layer(checkpoint.config, layer)
 
   def embed(params, waveform, lengths):
     outputs = checkpoint.model.apply({"params": params}, waveform, lengths,

@@ -403,6 +403,12 @@ class BuiltModel:
                         f"which this data does not hold (it holds {sorted(arrays)}): audio "
                         "mode needs built audio datasets (config.data.kind='audio'), feature "
                         "mode feature splits")
+    empty = [name for name in speech_inputs if np.shape(arrays[name])[-1] == 0]
+    if empty:
+      # `extract` without --spectrogram_encoder writes (N, 0) spectrogram features.
+      raise ConfigError(f"the data's {empty} features are empty (0 wide), but "
+                        f"config.model.mode={self.model.mode!r} reads them: train on these "
+                        "features with config.model.mode='speech'")
     if self.text_tower is not None:
       if not all(str(text) for text in host["text"]):
         raise ConfigError("config.model.text.encoder needs the sentences of each split, but "

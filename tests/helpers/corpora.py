@@ -30,14 +30,20 @@ def _speak(words, rng) -> np.ndarray:
 
 
 def build_tone_corpus(root, sizes=(("train", 96), ("validation", 32), ("test", 32)),
-                      seed=0, languages=("en", "de")) -> str:
-  """Writes WAVs and a manifest under `root`, builds it, returns the dataset folder."""
+                      seed=0, languages=("en", "de"), odd_clips=()) -> str:
+  """Writes WAVs and a manifest under `root`, builds it, returns the dataset folder.
+
+  `odd_clips`: (split, position, audio) clips put at that position among the split's tone
+  clips, e.g. clips too short for a speech encoder; with any, the build keeps silent clips.
+  """
+  from clasp_jax.data import bad_input
   from clasp_jax.data import tfds_builder
   from clasp_jax.data.sources import manifest
 
   rng = np.random.default_rng(seed)
   rows, seen = [], set()
   os.makedirs(os.path.join(root, "audio"), exist_ok=True)
+  odd = {(split, position): audio for split, position, audio in odd_clips}
   for split, count in sizes:
     made = 0
     while made < count:
@@ -47,7 +53,9 @@ def build_tone_corpus(root, sizes=(("train", 96), ("validation", 32), ("test", 3
         continue
       seen.add(text)
       name = f"{split}_{made}.wav"
-      soundfile.write(os.path.join(root, "audio", name), _speak(words, rng), SAMPLE_RATE)
+      audio = odd.get((split, made))
+      soundfile.write(os.path.join(root, "audio", name),
+                      _speak(words, rng) if audio is None else audio, SAMPLE_RATE)
       rows.append({"audio": f"audio/{name}", "text": text, "split": split,
                    "language": languages[made % len(languages)],
                    "category": "animal" if {"cat", "dog", "bird"} & set(words) else "other",
@@ -56,6 +64,8 @@ def build_tone_corpus(root, sizes=(("train", 96), ("validation", 32), ("test", 3
   manifest_path = os.path.join(root, "manifest.jsonl")
   with open(manifest_path, "w", encoding="utf-8") as stream:
     stream.writelines(json.dumps(row) + "\n" for row in rows)
-  options = tfds_builder.BuildOptions(name="tones", kind="manifest", num_workers=2)
+  limits = bad_input.AudioLimits(silence_peak=-1.0) if odd else bad_input.AudioLimits()
+  options = tfds_builder.BuildOptions(name="tones", kind="manifest", num_workers=2,
+                                      limits=limits)
   return tfds_builder.build_dataset(manifest.read_examples(manifest_path),
                                     os.path.join(root, "data"), options)
