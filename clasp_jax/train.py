@@ -14,8 +14,10 @@ if __name__ == "__main__":  # First: it may restart the process under tcmalloc (
   from clasp_jax.common import allocator
   allocator.reexec_under_tcmalloc()
 
+import faulthandler
 import logging as std_logging
 import os
+import signal
 import sys
 
 from absl import logging
@@ -56,6 +58,9 @@ class _QuietLibraries:
 
 
 def main() -> None:
+  # `kill -USR1 <pid>` prints every thread's Python stack to stderr: what a stuck process (of
+  # a multi-process run, say) is waiting for.
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DISTRIBUTED.value:
     from clasp_jax.common import distributed

@@ -13,7 +13,17 @@ variables give them, the same on every process except the id:
                              counts as dead and every other process exits with an error
                              (JAX's default is 100; the coordination service, not the
                              collectives, notices: a peer blocked in an all-reduce with a dead
-                             process would otherwise wait forever)
+                             process would otherwise wait forever). The heartbeats come from
+                             a thread of JAX's runtime, not from Python, so compilation does
+                             not hold them up, but a process the OS does not run for this long
+                             (an overloaded machine, a stopped process) counts as dead too:
+                             keep it well above the longest stall the machines see. A dead
+                             process is noticed within about this many seconds, or at once when
+                             a peer is in a collective with it (its connections close).
+  CLASP_INITIALIZATION_TIMEOUT_S  optional: seconds a process waits for the coordinator and
+                             all its peers to connect (JAX's default is 300)
+  CLASP_SHUTDOWN_TIMEOUT_S   optional: seconds a finished process waits at exit for the others
+                             to finish (JAX's default is 300)
 
 With none of the first three set, JAX's auto-detection runs (and CLASP_LOCAL_DEVICE_IDS, if
 set, still picks the GPUs). Setting some but not all of them is an error, not a silent
@@ -33,6 +43,12 @@ NUM_PROCESSES = "CLASP_NUM_PROCESSES"
 PROCESS_ID = "CLASP_PROCESS_ID"
 LOCAL_DEVICE_IDS = "CLASP_LOCAL_DEVICE_IDS"
 HEARTBEAT_TIMEOUT = "CLASP_HEARTBEAT_TIMEOUT_S"
+INITIALIZATION_TIMEOUT = "CLASP_INITIALIZATION_TIMEOUT_S"
+SHUTDOWN_TIMEOUT = "CLASP_SHUTDOWN_TIMEOUT_S"
+# Each optional timeout variable and the `jax.distributed.initialize` argument it sets.
+_TIMEOUTS = {HEARTBEAT_TIMEOUT: "heartbeat_timeout_seconds",
+             INITIALIZATION_TIMEOUT: "initialization_timeout",
+             SHUTDOWN_TIMEOUT: "shutdown_timeout_seconds"}
 _REQUIRED_TOGETHER = (COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID)
 
 
@@ -69,11 +85,12 @@ def initialize_arguments(environ: Mapping[str, str] | None = None) -> dict[str, 
     if not re.fullmatch(r"[0-9]+(,[0-9]+)*", device_ids):
       raise ValueError(f"{LOCAL_DEVICE_IDS} must be comma-separated integers, got {device_ids!r}")
     arguments["local_device_ids"] = [int(i) for i in device_ids.split(",")]
-  if environ.get(HEARTBEAT_TIMEOUT, "").strip():
-    timeout = _integer(environ, HEARTBEAT_TIMEOUT)
-    if timeout < 1:
-      raise ValueError(f"{HEARTBEAT_TIMEOUT} must be at least 1 second, got {timeout}")
-    arguments["heartbeat_timeout_seconds"] = timeout
+  for name, argument in _TIMEOUTS.items():
+    if environ.get(name, "").strip():
+      timeout = _integer(environ, name)
+      if timeout < 1:
+        raise ValueError(f"{name} must be at least 1 second, got {timeout}")
+      arguments[argument] = timeout
   return arguments
 
 

@@ -69,3 +69,14 @@ def test_heartbeat_timeout_is_passed_and_checked(calls):
   for bad in ("0", "-3", "soon"):
     with pytest.raises(ValueError, match="CLASP_HEARTBEAT_TIMEOUT_S"):
       distributed.initialize_arguments(dict(EXPLICIT, CLASP_HEARTBEAT_TIMEOUT_S=bad))
+
+
+def test_initialization_and_shutdown_timeouts_are_passed_and_checked(calls):
+  distributed.initialize_from_environment(dict(EXPLICIT, CLASP_INITIALIZATION_TIMEOUT_S="60",
+                                               CLASP_SHUTDOWN_TIMEOUT_S="30"))
+  assert calls[-1]["initialization_timeout"] == 60
+  assert calls[-1]["shutdown_timeout_seconds"] == 30
+  assert "heartbeat_timeout_seconds" not in calls[-1]
+  for name in ("CLASP_INITIALIZATION_TIMEOUT_S", "CLASP_SHUTDOWN_TIMEOUT_S"):
+    with pytest.raises(ValueError, match=name):
+      distributed.initialize_arguments(dict(EXPLICIT, **{name: "0"}))
