@@ -138,6 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # What the SSL encoder's convolutions read: 'waveform' (HuBERT / wav2vec2 as published) or
   # 'log_mel' (80-bin log-mel frames every 10 ms; for encoders trained from scratch).
   config.model.speech.ssl_input = "waveform"
+  # The 'speech' vector: 'mean' of the SSL frames (the paper) or 'mean_std' (mean and standard
+  # deviation, twice as wide).
+  config.model.speech.pooling = "mean"
   config.model.speech.ssl = ml_collections.ConfigDict(dict(
       model_type="hubert", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
       intermediate_size=4096, conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
@@ -345,6 +348,7 @@ def embedded_default(config: ml_collections.ConfigDict) -> None:
   speech = config.model.speech
   speech.kind = "audio"
   speech.ssl_input = "log_mel"
+  speech.pooling = "mean_std"
   speech.ssl.update(dict(
       hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
       conv_dim=(192, 192), conv_kernel=(3, 3), conv_stride=(2, 2),
@@ -370,13 +374,20 @@ def embedded_default(config: ml_collections.ConfigDict) -> None:
 
   config.optimizer.learning_rate = 2e-3
   config.optimizer.weight_decay = 1e-2
-  # Sized for ~10 minutes of training on 2 CPU cores (about 1.2 s a step of 32 clips).
+  # The towers, end to end: sized for ~9 minutes on 2 CPU cores (about 1.1 s a step of 32
+  # clips), evaluated once at the end (the fusion stage picks the model).
   config.schedule.warmup_steps = 50
   config.batch_size = 32
   config.eval_batch_size = 64
   config.total_steps = 500
   config.log_every_steps = 25
-  config.eval_every_steps = 250
+  config.eval_every_steps = 500
   config.checkpoint_every_steps = 250
   config.early_stopping.metric = "val/speech_to_text/hits@1"
   config.early_stopping.mode = "max"
+  # Then the fusion encoder alone on the towers' fixed vectors (clasp_jax/trainer/embedded.py):
+  # large batches, many steps (a few ms each), stronger dropout, early-stopped on validation
+  # HITS@1 (`patience` evaluations without improvement).
+  config.fusion_stage = ml_collections.ConfigDict(dict(
+      batch_size=256, total_steps=3000, warmup_steps=100, learning_rate=2e-3,
+      branch_dropout=(0.3, 0.3), eval_every_steps=250, patience=4))

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clasp_jax.common import workdir as workdir_files
 from clasp_jax.common.mesh import data_mesh
-from clasp_jax.data import audio_io, pipeline
+from clasp_jax.data import audio_io, features, pipeline
 from clasp_jax.data.tfds_builder import INT16_SCALE
 from clasp_jax.inference import split_embedding
 from clasp_jax.models import clasp
@@ -153,6 +153,53 @@ class TrainedModel:
                                         text_encoder=self.built.text_encoder)
     return split_embedding.embed_split(self.predict_fn, _VariablesState(self.variables),
                                        split_pipeline)
+
+  @functools.cached_property
+  def _towers_fn(self):
+    model = self.built.model
+
+    def towers(variables, batch):
+      out = model.apply(variables, batch["audio"], batch["audio_mask"],
+                        method=lambda module, audio, mask: module.audio_tower(audio, mask))
+      speech = out["speech"]
+      return speech, out.get("spectrogram", jnp.zeros((speech.shape[0], 0), speech.dtype))
+
+    return jax.jit(towers)
+
+  def tower_features(self, split: str, *, batch_size: int = 0) -> features.FeatureSplit:
+    """`split` as a feature split (clasp_jax/data/features.py): per clip, the vectors the
+    audio towers hand the fusion encoder ('speech': the pooled SSL frames, 'spectrogram': the
+    CNN's output, (N, 0) without that branch) and the text vector the model is trained
+    against; so the fusion encoder can train in feature mode over these (frozen) towers, as
+    the paper trained it over precomputed features. Stored order; one process."""
+    if self.speech_kind != "audio":
+      raise ValueError(f"{self.workdir} is a feature-mode model: it has no audio towers")
+    config = self.config.copy_and_resolve_references()
+    batch_size = batch_size or config.eval_batch_size
+    config.eval_batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+    split_pipeline = pipeline.for_split(config, split, mesh=self.mesh, train=False,
+                                        text_encoder=self.built.text_encoder)
+    fields = {"speech": [], "spectrogram": [], "text": []}
+    hosts = {"category": [], "language": [], "text": [], "source": []}
+    for batch in split_pipeline.iterate():
+      speech, spectrogram, text, valid = jax.device_get(
+          self._towers_fn(self.variables, batch.arrays) + (batch.arrays["text"],
+                                                           batch.arrays["valid"]))
+      valid = np.asarray(valid).astype(bool)
+      for name, values in (("speech", speech), ("spectrogram", spectrogram), ("text", text)):
+        fields[name].append(np.asarray(values, np.float32)[valid])
+      for name in hosts:
+        hosts[name].extend(np.asarray(batch.host[name])[valid].astype(str).tolist())
+    arrays = {name: np.concatenate(values) for name, values in fields.items()}
+    labels = {}
+    for name in ("category", "language"):
+      labels[name] = sorted(set(hosts[name]))
+      arrays[name] = np.searchsorted(labels[name], hosts[name]).astype(np.int32)
+    sources = sorted(set(hosts["source"]))
+    return features.FeatureSplit(arrays=arrays, categories=labels["category"],
+                                 languages=labels["language"],
+                                 source=sources[0] if len(sources) == 1 else "",
+                                 sentences=hosts["text"])
 
   # -------------------------------------------------------------- The auxiliary CTC head.
 

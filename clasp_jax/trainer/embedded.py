@@ -9,11 +9,22 @@ the config names a corpus to make (`config.data.corpus`, configs/base.py:embedde
   2. text: every sentence of the corpus embedded once by the frozen text tower, kept beside
      the corpus (`config.model.text.cache`), and the CTC characters of the training sentences
      (`config.model.speech.ctc_vocabulary`, also W/vocab.json in Hugging Face's CTC form);
-  3. training (`trainer.train_and_evaluate`; a finished workdir is not retrained);
-  4. the best checkpoint on the test split through `clasp_jax.evaluate` itself, so
-     W/test_metrics.json is what `python -m clasp_jax.evaluate --workdir=W --split=test`
+  3. towers (`W/towers/`): the whole audio-mode model trained end to end (`trainer`), the
+     character CTC loss teaching the speech encoder its sounds, the contrastive loss shaping
+     both towers;
+  4. features (`W/features/`): every clip of every split through those towers once, as the
+     paper's pipeline precomputed HuBERT and spectrogram features;
+  5. fusion (`W/fusion/`): the fusion encoder trained afresh on those fixed vectors, as the
+     paper trained it: thousands of large-batch steps in a minute where each end-to-end step
+     costs a second, early-stopped on validation HITS@1. While the towers still learn, the
+     fusion encoder chases moving inputs: trained end to end alone, the same towers' model
+     retrieved a tenth as often;
+  6. W itself: the towers' parameters with the fusion encoder's best, one audio-mode model
+     (its `best` checkpoint), scored on the test split through `clasp_jax.evaluate` itself,
+     so W/test_metrics.json is what `python -m clasp_jax.evaluate --workdir=W --split=test`
      prints, with the ASR cascade of the model's own CTC head beside it;
-  5. W/report.png (training loss, validation HITS@1, test gold ranks) and a one-line summary.
+  7. W/report.png (training loss, validation HITS@1, test gold ranks) and a one-line summary.
+Each stage that finished is skipped when the command runs again.
 """
 
 from __future__ import annotations
@@ -22,12 +33,16 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 import time
+import types
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from clasp_jax.common.config_args import ConfigError
 from clasp_jax.models import clasp
@@ -160,6 +175,105 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collect
   return config, facts
 
 
+STAGES = ("towers", "features", "fusion")
+SPLITS = ("train", "validation", "test")
+
+
+def write_features(towers_dir: str, features_dir: str) -> None:
+  """Every split through the trained towers (their newest checkpoint) into features_dir."""
+  from clasp_jax.data import features  # pylint: disable=import-outside-toplevel
+  from clasp_jax.inference import workdir as inference  # pylint: disable=import-outside-toplevel
+  trained = None
+  for split in SPLITS:
+    target = os.path.join(features_dir, split)
+    if os.path.exists(os.path.join(target, "info.json")):
+      continue
+    trained = trained or inference.load_trained(towers_dir, checkpoint="latest")
+    started = time.perf_counter()
+    split_features = trained.tower_features(split)
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    features.write_feature_split(partial, split_features)
+    os.replace(partial, target)
+    logging.info("features: %s, %d clips through the towers of step %d in %.0f s", split,
+                 split_features.num_examples, trained.step, time.perf_counter() - started)
+
+
+def fusion_config(config: ml_collections.ConfigDict, features_dir: str
+                  ) -> ml_collections.ConfigDict:
+  """The feature-mode config that trains the fusion encoder alone on the towers' vectors
+  (`config.fusion_stage` sets its batch, steps, dropout, learning rate and patience)."""
+  from clasp_jax.data import features  # pylint: disable=import-outside-toplevel
+  stage = config.fusion_stage
+  fusion = ml_collections.ConfigDict(config.to_dict())
+  dims = features.read_feature_split(os.path.join(features_dir, "train")).dims
+  fusion.data.kind = "features"
+  fusion.data.directory = features_dir
+  fusion.data.dims = ml_collections.ConfigDict(dims)
+  fusion.data.corpus = ml_collections.ConfigDict()  # Nothing more to speak.
+  fusion.model.speech.kind = "features"
+  fusion.model.speech.ctc_vocabulary = ""
+  fusion.model.text = ml_collections.ConfigDict(dict(
+      kind="precomputed", encoder="", trainable_top_layers=0, max_length=0,
+      preparation="as_is"))
+  fusion.model.branch_dropout = tuple(stage.branch_dropout)
+  fusion.loss.ctc_weight = 0.0
+  fusion.frozen_params = ""
+  fusion.optimizer.learning_rate = stage.learning_rate
+  fusion.batch_size = stage.batch_size
+  fusion.eval_batch_size = stage.batch_size
+  fusion.total_steps = stage.total_steps
+  fusion.num_epochs = 0
+  fusion.schedule.warmup_steps = stage.warmup_steps
+  fusion.log_every_steps = stage.eval_every_steps
+  fusion.eval_every_steps = stage.eval_every_steps
+  fusion.checkpoint_every_steps = stage.eval_every_steps
+  fusion.early_stopping.patience = stage.patience
+  return fusion
+
+
+def assemble(config: ml_collections.ConfigDict, towers_dir: str, fusion_dir: str,
+             workdir: str) -> int:
+  """W's model: the towers' newest parameters and statistics with the fusion encoder's best
+  (the two modes share the fusion encoder's names), saved as W's checkpoint (newest and best)
+  beside the audio-mode config. Returns its step: the towers' steps plus the fusion's."""
+  from clasp_jax.trainer.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
+  existing = Checkpointer(workdir, every_steps=0, keep=1)
+  try:
+    if existing.best_step() is not None:  # Assembled by an earlier run.
+      return existing.best_step()
+  finally:
+    existing.close()
+  states = {}
+  for name, folder, choice in (("towers", towers_dir, "latest"), ("fusion", fusion_dir, "best")):
+    checkpointer = Checkpointer(folder, every_steps=0, keep=1)
+    try:
+      states[name] = checkpointer.read(choice)
+    finally:
+      checkpointer.close()
+  (towers, towers_record), (fusion, fusion_record) = states["towers"], states["fusion"]
+  params, batch_stats = dict(towers["params"]), dict(towers.get("batch_stats", {}))
+  for name, value in fusion["params"].items():  # speech_encoder, logit_scale (and bias)
+    expected = jax.tree.map(np.shape, params.get(name))
+    if expected != jax.tree.map(np.shape, value):
+      raise RuntimeError(f"the fusion stage's {name} does not fit the towers' model")
+    params[name] = value
+  batch_stats.update(fusion.get("batch_stats", {}))
+  step = int(towers_record["step"]) + int(fusion_record["step"])
+  state = types.SimpleNamespace(step=step, params=params, batch_stats=batch_stats)
+  record = {"step": step, "towers_step": int(towers_record["step"]),
+            "fusion_step": int(fusion_record["step"]),
+            **{k: v for k, v in fusion_record.items() if k.startswith("val/")}}
+  epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
+  try:
+    checkpointer.save(step, vars(state), record, force=True)
+    checkpointer.save_best(step, state, record)
+  finally:
+    checkpointer.close()
+  return step
+
+
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
@@ -192,23 +306,25 @@ def write_report(workdir: str, ranks: np.ndarray, metrics: dict[str, float]) -> 
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  train = [r for r in records if "train/loss" in r]
-  val = [r for r in records if "val/speech_to_text/hits@1" in r]
+  train = [r for r in _read_jsonl(os.path.join(workdir, "towers", "metrics.jsonl"))
+           if "train/loss" in r]
+  val = [r for r in _read_jsonl(os.path.join(workdir, "fusion", "metrics.jsonl"))
+         if "val/speech_to_text/hits@1" in r]
   figure, axes = pyplot.subplots(1, 3, figsize=(15, 4))
   for key, label in (("train/loss", "total"), ("train/contrastive_loss", "contrastive"),
                      ("train/ctc_loss", "CTC")):
     points = [(r["step"], r[key]) for r in train if key in r]
     if points:
       axes[0].plot(*zip(*points), label=label)
-  axes[0].set(title="training loss", xlabel="step")
+  axes[0].set(title="training loss (towers, end to end)", xlabel="step")
   axes[0].legend()
   for key, label in (("val/speech_to_text/hits@1", "speech -> text"),
                      ("val/text_to_speech/hits@1", "text -> speech")):
     points = [(r["step"], r[key]) for r in val if key in r]
     if points:
       axes[1].plot(*zip(*points), marker="o", label=label)
-  axes[1].set(title="validation HITS@1", xlabel="step", ylim=(0, 1))
+  axes[1].set(title="validation HITS@1 (fusion encoder on the towers' vectors)",
+              xlabel="fusion step", ylim=(0, 1))
   axes[1].legend()
   bins = np.unique(np.geomspace(1, max(int(ranks.max()), 2) + 1, 30).astype(int))
   axes[2].hist(ranks, bins=bins)
@@ -242,34 +358,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   use_compilation_cache()
   timings_path = os.path.join(workdir, "timings.json")
-  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  timings = {}
+  if os.path.exists(timings_path):
+    with open(timings_path, encoding="utf-8") as f:
+      timings = json.load(f)
   config, facts = prepare(config, workdir)
   timings.update(corpus_s=round(facts["corpus_s"], 1), text_s=round(facts["text_s"], 1))
   if config.model.speech.get("ctc_vocabulary", ""):
     write_ctc_vocabulary(workdir, config.model.speech.ctc_vocabulary)
+  towers_dir, features_dir, fusion_dir = (os.path.join(workdir, name) for name in STAGES)
 
-  started = time.perf_counter()
-  trainer.train_and_evaluate(config, workdir)
+  def timed(name, stage, *args):
+    started = time.perf_counter()
+    result = stage(*args)
+    timings.setdefault(f"{name}_s", round(time.perf_counter() - started, 1))
+    return result
+
   metrics_path = os.path.join(workdir, "test_metrics.json")
   embeddings_path = os.path.join(workdir, "test_embeddings.npz")
   if not os.path.exists(metrics_path):
-    timings["train_s"] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    code = evaluate.run(["evaluate", f"--workdir={workdir}", "--split=test",
-                         f"--output={metrics_path}", f"--save_embeddings={embeddings_path}"])
+    timed("towers", trainer.train_and_evaluate, config, towers_dir)
+    timed("features", write_features, towers_dir, features_dir)
+    timed("fusion", trainer.train_and_evaluate, fusion_config(config, features_dir), fusion_dir)
+    step = assemble(config, towers_dir, fusion_dir, workdir)
+    logging.info("model: %s holds the towers with the best fusion encoder (step %d)", workdir,
+                 step)
+    code = timed("test", evaluate.run, ["evaluate", f"--workdir={workdir}", "--split=test",
+                                        f"--output={metrics_path}",
+                                        f"--save_embeddings={embeddings_path}"])
     if code:
       raise RuntimeError(f"evaluating the test split failed (exit {code})")
-    timings["test_s"] = round(time.perf_counter() - started, 1)
+  else:
+    logging.info("nothing to do: %s holds the trained model and its test metrics", workdir)
   with open(metrics_path, encoding="utf-8") as f:
     metrics = json.load(f)
   with np.load(embeddings_path) as embedded:
     ranks = gold_ranks(embedded["speech"], embedded["text"])
   write_report(workdir, ranks, metrics)
-  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  minutes = training_minutes(records)
-  timings["val_hits@1_by_training_minutes"] = [
+  towers_records = _read_jsonl(os.path.join(towers_dir, "metrics.jsonl"))
+  minutes = training_minutes(towers_records)
+  timings["towers_val_hits@1_by_training_minutes"] = [
       [round(minutes.get(r["step"], float("nan")), 2), r["step"], r["val/speech_to_text/hits@1"]]
-      for r in records if "val/speech_to_text/hits@1" in r]
+      for r in towers_records if "val/speech_to_text/hits@1" in r]
+  timings["fusion_val_hits@1_by_step"] = [
+      [r["step"], r["val/speech_to_text/hits@1"]]
+      for r in _read_jsonl(os.path.join(fusion_dir, "metrics.jsonl"))
+      if "val/speech_to_text/hits@1" in r]
   timings["corpus"] = facts["corpus"]
   with open(timings_path, "w", encoding="utf-8") as f:
     json.dump(timings, f, indent=1)

@@ -8,13 +8,17 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
+from clasp_jax.data import audio_io
+from clasp_jax.data import features
 from clasp_jax.inference import workdir as inference
 from clasp_jax.models import clasp
 from clasp_jax.models import text_tower
 from clasp_jax.trainer import embedded
+from clasp_jax.trainer.checkpointing import Checkpointer
 from configs import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,6 +107,8 @@ def _run_train(workdir, cache, *extra):
       "--config.batch_size=8", "--config.eval_batch_size=8", "--config.total_steps=4",
       "--config.log_every_steps=2", "--config.eval_every_steps=2",
       "--config.checkpoint_every_steps=2", "--config.schedule.warmup_steps=1",
+      "--config.fusion_stage.batch_size=16", "--config.fusion_stage.total_steps=6",
+      "--config.fusion_stage.eval_every_steps=2", "--config.fusion_stage.warmup_steps=1",
   ]
   env = dict(os.environ, XDG_CACHE_HOME=str(cache), JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -110,6 +116,14 @@ def _run_train(workdir, cache, *extra):
       [sys.executable, "-m", "clasp_jax.train", "--config=configs/base.py",
        f"--workdir={workdir}", *tiny, *extra], cwd=REPO, capture_output=True, text=True,
       timeout=900, env=env)
+
+
+def _read_checkpoint(folder, choice):
+  checkpointer = Checkpointer(str(folder), every_steps=0, keep=1)
+  try:
+    return checkpointer.read(choice)
+  finally:
+    checkpointer.close()
 
 
 @pytest.mark.skipif(not _espeak_available(), reason="needs espeak-ng and the fortunes packages")
@@ -136,6 +150,32 @@ def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
   assert metrics["speech_to_text/num_queries"] == len(test_sentences) > 0
   assert not test_sentences & train_sentences
   assert (workdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The stages: towers end to end, their vectors of every split, the fusion encoder on those;
+  # W's model is the towers with the fusion encoder's best parameters.
+  towers, _ = _read_checkpoint(workdir / "towers", "latest")
+  fusion, fusion_record = _read_checkpoint(workdir / "fusion", "best")
+  model, record = _read_checkpoint(workdir, "best")
+  assert record["step"] == 4 + fusion_record["step"]
+  for name in ("ssl_encoder", "spectrogram_encoder", "ctc_head"):
+    chex.assert_trees_all_equal(model["params"][name], towers["params"][name])
+  chex.assert_trees_all_equal(model["params"]["speech_encoder"],
+                              fusion["params"]["speech_encoder"])
+  assert not np.allclose(fusion["params"]["speech_encoder"]["speech_branch"]["linear_0"]["kernel"],
+                         towers["params"]["speech_encoder"]["speech_branch"]["linear_0"]["kernel"])
+  trained = inference.load_trained(str(workdir / "towers"), checkpoint="latest")
+  test_features = features.read_feature_split(str(workdir / "features" / "test"))
+  assert test_features.num_examples == metrics["speech_to_text/num_queries"]
+  # A row holds the towers' vectors of its clip, as the clip alone gives them.
+  clip = next(row for row in manifest if row["split"] == "test")
+  audio, _, _ = audio_io.read_audio(cache / "clasp_jax" / corpora[0] / clip["audio"])
+  waveform = trained.prepare_waveform(audio)[None]
+  speech, spectrogram = trained._towers_fn(  # pylint: disable=protected-access
+      trained.variables, {"audio": waveform, "audio_mask": np.ones(waveform.shape, bool)})
+  row = test_features.sentences.index(clip["text"])
+  np.testing.assert_allclose(test_features.arrays["speech"][row], speech[0], atol=1e-4)
+  np.testing.assert_allclose(test_features.arrays["spectrogram"][row], spectrogram[0], atol=1e-4)
+  assert test_features.arrays["speech"].shape[1] == 2 * 32  # mean and spread of 32-d frames
+
   vocabulary = json.loads((workdir / "vocab.json").read_text())
   assert vocabulary["<pad>"] == 0 and "|" in vocabulary
 
@@ -150,9 +190,10 @@ def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
   assert json.loads(again.read_text()) == metrics
 
   # A rerun reuses the corpus and does not retrain.
-  log = (workdir / "metrics.jsonl").read_text()
+  logs = [(workdir / stage / "metrics.jsonl").read_text() for stage in ("towers", "fusion")]
   second = _run_train(workdir, cache)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.strip().splitlines()[-1] == summary
-  assert (workdir / "metrics.jsonl").read_text() == log
+  assert [(workdir / stage / "metrics.jsonl").read_text()
+          for stage in ("towers", "fusion")] == logs
   assert "reusing" in second.stderr and "nothing to do" in second.stderr
