@@ -322,12 +322,17 @@ def embedded_default(config: ml_collections.ConfigDict) -> None:
 
   Data: English fortunes spoken by espeak-ng (8 voices, varied speed and pitch), made once and
   cached by its settings (`data.corpus`). Speech side, from random init: a small
-  HuBERT-architecture encoder (a 4-layer strided convolution stack to 25 frames/s, 4 pre-LN
-  Transformer layers of width 192) with an auxiliary character CTC head, and a small
-  spectrogram CNN over 80-bin log-mels, both into the concat fusion encoder. Text side:
-  all-MiniLM-L6-v2, frozen, its 384-d embedding computed once per sentence. Speech that starts
-  from nothing learns phonetics far faster from the transcript than from the contrastive
-  signal alone, hence CTC (the paper's best speech encoder was CTC-fine-tuned too).
+  HuBERT-architecture encoder (two strided convolutions over 80-bin log-mel frames to 25
+  frames/s, 4 pre-LN Transformer layers of width 192, the mean and spread of its frames
+  pooled) with an auxiliary character CTC head, and a small spectrogram CNN over 40-bin
+  log-mels, both into the concat fusion encoder. Text side: all-MiniLM-L6-v2, frozen, its
+  384-d embedding computed once per sentence. Speech that starts from nothing learns phonetics
+  far faster from the transcript than from the contrastive signal alone, hence CTC (the
+  paper's best speech encoder was CTC-fine-tuned too); a log-mel front-end rather than
+  convolutions over raw samples, because a small encoder trained for minutes learns from it
+  far faster (character error rate 0.21 after 800 steps). Then (`fusion_stage`) the fusion
+  encoder is trained again on the trained towers' fixed vectors, as the paper trained it on
+  precomputed features.
   """
   config.data.kind = "audio"
   config.data.datasets = ""  # Filled in with the corpus built from `data.corpus`.
@@ -388,6 +393,12 @@ def embedded_default(config: ml_collections.ConfigDict) -> None:
   # Then the fusion encoder alone on the towers' fixed vectors (clasp_jax/trainer/embedded.py):
   # large batches, many steps (a few ms each), stronger dropout, early-stopped on validation
   # HITS@1 (`patience` evaluations without improvement).
+  # `model` sets fields of config.model for the fusion encoder of this stage (and of the
+  # final model). It trains once per mode in `modes` and keeps the one that scores best on
+  # validation: on this corpus the spectrogram CNN's vector lets the joint fusion encoder
+  # memorise training sentences (test HITS@1 0.10 joint against 0.24 from the SSL vector
+  # alone, same towers), so the choice is made on data, as the paper's ablation.
   config.fusion_stage = ml_collections.ConfigDict(dict(
       batch_size=256, total_steps=3000, warmup_steps=100, learning_rate=2e-3,
-      branch_dropout=(0.3, 0.3), eval_every_steps=250, patience=4))
+      eval_every_steps=250, patience=4, modes=("joint", "speech"),
+      model=ml_collections.ConfigDict(dict(branch_dropout=(0.3, 0.3)))))

@@ -124,11 +124,13 @@ class FullPassSampler:
   """Every example exactly once, in order; the last batch is padded with invalid rows.
 
   Evaluation must see the whole split, which EpochSampler (it drops the remainder) does
-  not. Padding rows repeat example 0 and are marked invalid by `local_valid`.
+  not. Padding rows repeat the first example and are marked invalid by `local_valid`.
+  `order` (a permutation of the examples; None: stored order) sets the visiting order, e.g.
+  by length, so that clips of one batch pad to similar lengths.
   """
 
   def __init__(self, num_examples: int, global_batch_size: int, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, order: np.ndarray | None = None):
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise ValueError(f"global batch size {global_batch_size} must be positive and divide "
                        f"by the {process_count} processes")
@@ -138,6 +140,9 @@ class FullPassSampler:
     self.global_batch_size = global_batch_size
     self.process_index = process_index
     self.process_count = process_count
+    self.order = np.arange(num_examples) if order is None else np.asarray(order, np.int64)
+    if not np.array_equal(np.sort(self.order), np.arange(num_examples)):
+      raise ValueError("order must be a permutation of the examples")
 
   @property
   def steps_per_epoch(self) -> int:
@@ -154,7 +159,7 @@ class FullPassSampler:
 
   def global_indices(self, step: int) -> np.ndarray:
     positions = self._global_positions(step)
-    return np.where(positions < self.num_examples, positions, 0)
+    return self.order[np.where(positions < self.num_examples, positions, 0)]
 
   def _local_slice(self) -> slice:
     start = self.process_index * self.local_batch_size

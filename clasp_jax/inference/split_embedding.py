@@ -1,9 +1,10 @@
 """Embedding a whole split through the input pipeline: what evaluators and `evaluate` score.
 
 `predict_fn(state, arrays) -> (zspeech, ztext)` runs on one global batch (a sharded, jitted
-function in the trainer); the split is read once in stored order by an evaluation pipeline
-(`data.pipeline.for_split(..., train=False)`), padding rows are cut off, and every process gets
-the whole split's embeddings back, with the labels the retrieval protocols break down by.
+function in the trainer); the split is read once by an evaluation pipeline
+(`data.pipeline.for_split(..., train=False)`; shortest clips first when the data has length
+buckets), padding rows are cut off, and every process gets the whole split's embeddings back in
+stored order, with the labels the retrieval protocols break down by.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ def embed_split(predict_fn: PredictFn, state: Any,
     if jax.process_count() == 1:  # This process's rows are the whole batch.
       hosts.append({field: values[valid] for field, values in batch.host.items()})
   order = np.concatenate(order)
+  stored = np.argsort(order, kind="stable")  # The pipeline may visit clips by length.
+  order = order[stored]
   if jax.process_count() == 1:
-    host = {field: np.concatenate([h[field] for h in hosts]) for field in pipeline_lib.HOST_FIELDS}
+    host = {field: np.concatenate([h[field] for h in hosts])[stored]
+            for field in pipeline_lib.HOST_FIELDS}
   else:  # Each process saw only its rows' texts: describe the whole split instead.
     host = pipeline_lib.describe(pipeline.source, order)
-  return labelled_embeddings(np.concatenate(speech), np.concatenate(text), host)
+  return labelled_embeddings(np.concatenate(speech)[stored], np.concatenate(text)[stored], host)
 
 
 def labelled_embeddings(speech: np.ndarray, text: np.ndarray,

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clasp_jax.common import cli
 from clasp_jax.common import workdir as workdir_files
 from clasp_jax.common.mesh import data_mesh
 from clasp_jax.data import audio_io, features, pipeline
@@ -171,7 +172,8 @@ class TrainedModel:
     audio towers hand the fusion encoder ('speech': the pooled SSL frames, 'spectrogram': the
     CNN's output, (N, 0) without that branch) and the text vector the model is trained
     against; so the fusion encoder can train in feature mode over these (frozen) towers, as
-    the paper trained it over precomputed features. Stored order; one process."""
+    the paper trained it over precomputed features. In stored order, with a progress line;
+    one process."""
     if self.speech_kind != "audio":
       raise ValueError(f"{self.workdir} is a feature-mode model: it has no audio towers")
     config = self.config.copy_and_resolve_references()
@@ -179,18 +181,25 @@ class TrainedModel:
     config.eval_batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
     split_pipeline = pipeline.for_split(config, split, mesh=self.mesh, train=False,
                                         text_encoder=self.built.text_encoder)
-    fields = {"speech": [], "spectrogram": [], "text": []}
+    fields = {"speech": [], "spectrogram": [], "text": [], "order": []}
     hosts = {"category": [], "language": [], "text": [], "source": []}
+    progress = cli.Progress(len(split_pipeline.source), f"{split} clips",
+                            verb="through the towers:")
     for batch in split_pipeline.iterate():
-      speech, spectrogram, text, valid = jax.device_get(
-          self._towers_fn(self.variables, batch.arrays) + (batch.arrays["text"],
-                                                           batch.arrays["valid"]))
+      speech, spectrogram, text, valid, order = jax.device_get(
+          self._towers_fn(self.variables, batch.arrays) + (
+              batch.arrays["text"], batch.arrays["valid"], batch.arrays["example_index"]))
       valid = np.asarray(valid).astype(bool)
-      for name, values in (("speech", speech), ("spectrogram", spectrogram), ("text", text)):
-        fields[name].append(np.asarray(values, np.float32)[valid])
+      for name, values in (("speech", speech), ("spectrogram", spectrogram), ("text", text),
+                           ("order", order)):
+        fields[name].append(np.asarray(values)[valid])
       for name in hosts:
         hosts[name].extend(np.asarray(batch.host[name])[valid].astype(str).tolist())
-    arrays = {name: np.concatenate(values) for name, values in fields.items()}
+      progress.update(len(hosts["text"]))
+    stored = np.argsort(np.concatenate(fields.pop("order")), kind="stable")
+    arrays = {name: np.concatenate(values)[stored].astype(np.float32)
+              for name, values in fields.items()}
+    hosts = {name: [values[i] for i in stored] for name, values in hosts.items()}
     labels = {}
     for name in ("category", "language"):
       labels[name] = sorted(set(hosts[name]))
@@ -231,17 +240,19 @@ class TrainedModel:
     config.eval_batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
     split_pipeline = pipeline.for_split(config, split, mesh=self.mesh, train=False,
                                         text_encoder=self.built.text_encoder)
-    transcripts, references = [], []
+    transcripts, references, order = [], [], []
     for batch in split_pipeline.iterate():
       ids, frame_mask = jax.device_get(self._ctc_ids_fn(self.variables, batch.arrays))
       valid = np.asarray(jax.device_get(batch.arrays["valid"]))
+      order.extend(np.asarray(jax.device_get(batch.arrays["example_index"]))[valid.astype(bool)])
       for row in np.flatnonzero(valid):
         frames = ids[row][frame_mask[row].astype(bool)]
         # Greedy CTC: merge repeats, then drop blanks (id 0).
         merged = [int(t) for i, t in enumerate(frames) if i == 0 or t != frames[i - 1]]
         transcripts.append(" ".join("".join(tokens[t] for t in merged if t).split()))
         references.append(str(batch.host["text"][row]))
-    return transcripts, references
+    stored = np.argsort(order, kind="stable")  # Stored order, as embed_split returns rows.
+    return [transcripts[i] for i in stored], [references[i] for i in stored]
 
 
 def character_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:

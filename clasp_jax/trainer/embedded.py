@@ -38,7 +38,6 @@ import time
 import types
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -176,6 +175,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collect
 
 
 STAGES = ("towers", "features", "fusion")
+
+
+def best_score(workdir: str, metric: str) -> float:
+  """The early-stopping metric of a finished workdir's best checkpoint."""
+  from clasp_jax.trainer.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
+  checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
+  try:
+    _, record = checkpointer.read("best")
+  finally:
+    checkpointer.close()
+  return float(record["last_eval"][metric])
 SPLITS = ("train", "validation", "test")
 
 
@@ -199,13 +209,27 @@ def write_features(towers_dir: str, features_dir: str) -> None:
                  split_features.num_examples, trained.step, time.perf_counter() - started)
 
 
-def fusion_config(config: ml_collections.ConfigDict, features_dir: str
+def assembled_config(config: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+  """The config of W's model: the towers' config with the fusion encoder's fields as the
+  fusion stage trained it (`config.fusion_stage.model`: widths, dropout; its branches,
+  `mode`)."""
+  assembled = ml_collections.ConfigDict(config.to_dict())
+  assembled.model.mode = mode
+  for name, value in config.fusion_stage.model.items():
+    if name not in assembled.model:
+      raise ConfigError(f"config.fusion_stage.model.{name}: not a field of config.model")
+    assembled.model[name] = tuple(value) if isinstance(value, list) else value
+  return assembled
+
+
+def fusion_config(config: ml_collections.ConfigDict, features_dir: str, mode: str
                   ) -> ml_collections.ConfigDict:
   """The feature-mode config that trains the fusion encoder alone on the towers' vectors
-  (`config.fusion_stage` sets its batch, steps, dropout, learning rate and patience)."""
+  (`config.fusion_stage` sets its batch, steps, learning rate, patience and, under `model`,
+  the fusion encoder's own fields)."""
   from clasp_jax.data import features  # pylint: disable=import-outside-toplevel
   stage = config.fusion_stage
-  fusion = ml_collections.ConfigDict(config.to_dict())
+  fusion = assembled_config(config, mode)
   dims = features.read_feature_split(os.path.join(features_dir, "train")).dims
   fusion.data.kind = "features"
   fusion.data.directory = features_dir
@@ -216,12 +240,10 @@ def fusion_config(config: ml_collections.ConfigDict, features_dir: str
   fusion.model.text = ml_collections.ConfigDict(dict(
       kind="precomputed", encoder="", trainable_top_layers=0, max_length=0,
       preparation="as_is"))
-  fusion.model.branch_dropout = tuple(stage.branch_dropout)
   fusion.loss.ctc_weight = 0.0
   fusion.frozen_params = ""
   fusion.optimizer.learning_rate = stage.learning_rate
   fusion.batch_size = stage.batch_size
-  fusion.eval_batch_size = stage.batch_size
   fusion.total_steps = stage.total_steps
   fusion.num_epochs = 0
   fusion.schedule.warmup_steps = stage.warmup_steps
@@ -232,11 +254,12 @@ def fusion_config(config: ml_collections.ConfigDict, features_dir: str
   return fusion
 
 
-def assemble(config: ml_collections.ConfigDict, towers_dir: str, fusion_dir: str,
+def assemble(config: ml_collections.ConfigDict, towers_dir: str, fusion_dir: str, mode: str,
              workdir: str) -> int:
   """W's model: the towers' newest parameters and statistics with the fusion encoder's best
   (the two modes share the fusion encoder's names), saved as W's checkpoint (newest and best)
-  beside the audio-mode config. Returns its step: the towers' steps plus the fusion's."""
+  beside its audio-mode config (`assembled_config`). Returns its step: the towers' steps plus
+  the fusion's."""
   from clasp_jax.trainer.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
   existing = Checkpointer(workdir, every_steps=0, keep=1)
   try:
@@ -253,18 +276,18 @@ def assemble(config: ml_collections.ConfigDict, towers_dir: str, fusion_dir: str
       checkpointer.close()
   (towers, towers_record), (fusion, fusion_record) = states["towers"], states["fusion"]
   params, batch_stats = dict(towers["params"]), dict(towers.get("batch_stats", {}))
-  for name, value in fusion["params"].items():  # speech_encoder, logit_scale (and bias)
-    expected = jax.tree.map(np.shape, params.get(name))
-    if expected != jax.tree.map(np.shape, value):
-      raise RuntimeError(f"the fusion stage's {name} does not fit the towers' model")
-    params[name] = value
+  params.update(fusion["params"])  # speech_encoder (the fusion encoder), logit_scale
+  if mode == "speech":  # The fusion encoder reads the SSL vector alone: no spectrogram CNN.
+    params.pop("spectrogram_encoder", None)
+    batch_stats.pop("spectrogram_encoder", None)
   batch_stats.update(fusion.get("batch_stats", {}))
   step = int(towers_record["step"]) + int(fusion_record["step"])
   state = types.SimpleNamespace(step=step, params=params, batch_stats=batch_stats)
   record = {"step": step, "towers_step": int(towers_record["step"]),
             "fusion_step": int(fusion_record["step"]),
-            **{k: v for k, v in fusion_record.items() if k.startswith("val/")}}
-  epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+            "fusion_mode": mode, "last_eval": fusion_record.get("last_eval", {})}
+  epath.Path(workdir, "config.json").write_text(
+      assembled_config(config, mode).to_json_best_effort(indent=2) + "\n")
   checkpointer = Checkpointer(workdir, every_steps=0, keep=1)
   try:
     checkpointer.save(step, vars(state), record, force=True)
@@ -308,8 +331,11 @@ def write_report(workdir: str, ranks: np.ndarray, metrics: dict[str, float]) -> 
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
   train = [r for r in _read_jsonl(os.path.join(workdir, "towers", "metrics.jsonl"))
            if "train/loss" in r]
-  val = [r for r in _read_jsonl(os.path.join(workdir, "fusion", "metrics.jsonl"))
-         if "val/speech_to_text/hits@1" in r]
+  fusion_dir = os.path.join(workdir, "fusion")
+  modes = sorted(mode for mode in os.listdir(fusion_dir)
+                 if os.path.isdir(os.path.join(fusion_dir, mode)))
+  val = {mode: [r for r in _read_jsonl(os.path.join(fusion_dir, mode, "metrics.jsonl"))
+                if "val/speech_to_text/hits@1" in r] for mode in modes}
   figure, axes = pyplot.subplots(1, 3, figsize=(15, 4))
   for key, label in (("train/loss", "total"), ("train/contrastive_loss", "contrastive"),
                      ("train/ctc_loss", "CTC")):
@@ -318,11 +344,12 @@ def write_report(workdir: str, ranks: np.ndarray, metrics: dict[str, float]) -> 
       axes[0].plot(*zip(*points), label=label)
   axes[0].set(title="training loss (towers, end to end)", xlabel="step")
   axes[0].legend()
-  for key, label in (("val/speech_to_text/hits@1", "speech -> text"),
-                     ("val/text_to_speech/hits@1", "text -> speech")):
-    points = [(r["step"], r[key]) for r in val if key in r]
-    if points:
-      axes[1].plot(*zip(*points), marker="o", label=label)
+  for mode, records in val.items():
+    for key, label in (("val/speech_to_text/hits@1", "speech -> text"),
+                       ("val/text_to_speech/hits@1", "text -> speech")):
+      points = [(r["step"], r[key]) for r in records if key in r]
+      if points:
+        axes[1].plot(*zip(*points), marker="o", label=f"{mode}: {label}")
   axes[1].set(title="validation HITS@1 (fusion encoder on the towers' vectors)",
               xlabel="fusion step", ylim=(0, 1))
   axes[1].legend()
@@ -379,10 +406,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if not os.path.exists(metrics_path):
     timed("towers", trainer.train_and_evaluate, config, towers_dir)
     timed("features", write_features, towers_dir, features_dir)
-    timed("fusion", trainer.train_and_evaluate, fusion_config(config, features_dir), fusion_dir)
-    step = assemble(config, towers_dir, fusion_dir, workdir)
-    logging.info("model: %s holds the towers with the best fusion encoder (step %d)", workdir,
-                 step)
+    scores = {}
+    if not set(config.fusion_stage.modes) <= {"joint", "speech"} or not config.fusion_stage.modes:
+      raise ConfigError("config.fusion_stage.modes: choose among 'joint' and 'speech' (the "
+                        "model keeps its SSL encoder and CTC head), got "
+                        f"{config.fusion_stage.modes}")
+    for mode in config.fusion_stage.modes:
+      folder = os.path.join(fusion_dir, mode)
+      timed(f"fusion_{mode}", trainer.train_and_evaluate,
+            fusion_config(config, features_dir, mode), folder)
+      scores[mode] = best_score(folder, config.early_stopping.metric)
+      # The branches the fusion encoder reads are chosen on validation, as the paper's ablation.
+    pick = max if config.early_stopping.mode == "max" else min
+    mode = pick(scores, key=scores.get)
+    step = assemble(config, towers_dir, os.path.join(fusion_dir, mode), mode, workdir)
+    timings["fusion_choice"] = {"mode": mode, config.early_stopping.metric: scores}
+    logging.info("model: %s holds the towers with the best fusion encoder (%s mode, %s %.4f; "
+                 "step %d)", workdir, mode, config.early_stopping.metric, scores[mode], step)
     code = timed("test", evaluate.run, ["evaluate", f"--workdir={workdir}", "--split=test",
                                         f"--output={metrics_path}",
                                         f"--save_embeddings={embeddings_path}"])
@@ -400,10 +440,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   timings["towers_val_hits@1_by_training_minutes"] = [
       [round(minutes.get(r["step"], float("nan")), 2), r["step"], r["val/speech_to_text/hits@1"]]
       for r in towers_records if "val/speech_to_text/hits@1" in r]
-  timings["fusion_val_hits@1_by_step"] = [
-      [r["step"], r["val/speech_to_text/hits@1"]]
-      for r in _read_jsonl(os.path.join(fusion_dir, "metrics.jsonl"))
-      if "val/speech_to_text/hits@1" in r]
+  timings["fusion_val_hits@1_by_step"] = {
+      mode: [[r["step"], r["val/speech_to_text/hits@1"]]
+             for r in _read_jsonl(os.path.join(fusion_dir, mode, "metrics.jsonl"))
+             if "val/speech_to_text/hits@1" in r]
+      for mode in config.fusion_stage.modes}
   timings["corpus"] = facts["corpus"]
   with open(timings_path, "w", encoding="utf-8") as f:
     json.dump(timings, f, indent=1)

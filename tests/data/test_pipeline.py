@@ -147,6 +147,21 @@ def test_full_pass_sees_every_example_once_with_a_valid_mask(train_split):
   assert batches[-1].arrays["valid"].sum() == NUM_TRAIN - 40
 
 
+def test_full_pass_with_length_buckets_visits_the_shortest_clips_first(train_split):
+  """Evaluation batches of similar clips pad to small buckets; every clip still comes once."""
+  plain = pipeline.PipelineConfig(global_batch_size=10, max_duration_s=1.5, full_pass=True,
+                                  length_buckets_s=(0.5, 1.0))
+  stored = pipeline.PipelineConfig(global_batch_size=10, max_duration_s=1.5, full_pass=True)
+  by_length = list(pipeline.InputPipeline(train_split, plain).iterate())
+  in_order = list(pipeline.InputPipeline(train_split, stored).iterate())
+  visited = np.concatenate([b.arrays["example_index"][b.arrays["valid"]] for b in by_length])
+  assert sorted(visited) == list(range(NUM_TRAIN))
+  lengths = train_split.lengths[visited]
+  assert np.all(np.diff(lengths) >= 0)
+  assert (sum(b.arrays["audio"].shape[1] for b in by_length)
+          < sum(b.arrays["audio"].shape[1] for b in in_order))
+
+
 def test_global_batches_are_sharded_over_the_data_axis(train_split):
   mesh = jax.make_mesh((8,), ("data",))
 

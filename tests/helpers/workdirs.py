@@ -92,10 +92,15 @@ def paper_features_config(fusion="concat"):
   return config
 
 
-def read_variables(workdir, checkpoint="best"):
+def read_state(workdir, checkpoint="best"):
+  """(state as nested dicts, record) of a workdir's checkpoint ('best', 'latest' or a step)."""
   checkpointer = Checkpointer(str(workdir), every_steps=0, keep=1)
   try:
-    state, record = checkpointer.read(checkpoint)
+    return checkpointer.read(checkpoint)
   finally:
     checkpointer.close()
+
+
+def read_variables(workdir, checkpoint="best"):
+  state, record = read_state(workdir, checkpoint)
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, record

@@ -18,7 +18,7 @@ from clasp_jax.inference import workdir as inference
 from clasp_jax.models import text_tower
 from clasp_jax.retrieval import metrics
 from clasp_jax.trainer import trainer
-from clasp_jax.trainer.checkpointing import Checkpointer
+from tests.helpers import workdirs
 from tests.helpers import audio_workdir
 
 # With `-n 2 --dist loadgroup` both modules run on one worker, which trains the shared
@@ -43,12 +43,7 @@ def trained(trained_audio_workdir):
 
 
 def _params(workdir, step):
-  checkpointer = Checkpointer(str(workdir), every_steps=0, keep=10)
-  try:
-    state, _ = checkpointer.read(step)
-  finally:
-    checkpointer.close()
-  return state["params"]
+  return workdirs.read_state(workdir, step)[0]["params"]
 
 
 def test_audio_mode_learns_and_only_trainable_towers_move(trained, labse_like_dir):

@@ -18,8 +18,8 @@ from clasp_jax.inference import workdir as inference
 from clasp_jax.models import clasp
 from clasp_jax.models import text_tower
 from clasp_jax.trainer import embedded
-from clasp_jax.trainer.checkpointing import Checkpointer
 from configs import base
+from tests.helpers import workdirs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,14 +118,6 @@ def _run_train(workdir, cache, *extra):
       timeout=900, env=env)
 
 
-def _read_checkpoint(folder, choice):
-  checkpointer = Checkpointer(str(folder), every_steps=0, keep=1)
-  try:
-    return checkpointer.read(choice)
-  finally:
-    checkpointer.close()
-
-
 @pytest.mark.skipif(not _espeak_available(), reason="needs espeak-ng and the fortunes packages")
 def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
   workdir, cache = tmp_path / "run", tmp_path / "cache"
@@ -152,11 +144,16 @@ def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
   assert (workdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # The stages: towers end to end, their vectors of every split, the fusion encoder on those;
   # W's model is the towers with the fusion encoder's best parameters.
-  towers, _ = _read_checkpoint(workdir / "towers", "latest")
-  fusion, fusion_record = _read_checkpoint(workdir / "fusion", "best")
-  model, record = _read_checkpoint(workdir, "best")
+  towers, _ = workdirs.read_state(workdir / "towers", "latest")
+  model, record = workdirs.read_state(workdir, "best")
+  mode = record["fusion_mode"]  # the fusion stage's choice on validation
+  fusion, fusion_record = workdirs.read_state(workdir / "fusion" / mode, "best")
   assert record["step"] == 4 + fusion_record["step"]
-  for name in ("ssl_encoder", "spectrogram_encoder", "ctc_head"):
+  assert json.loads((workdir / "config.json").read_text())["model"]["mode"] == mode
+  tower_names = {"joint": {"ssl_encoder", "spectrogram_encoder", "ctc_head"},
+                 "speech": {"ssl_encoder", "ctc_head"}}[mode]
+  assert set(model["params"]) == tower_names | {"speech_encoder", "logit_scale"}
+  for name in tower_names:
     chex.assert_trees_all_equal(model["params"][name], towers["params"][name])
   chex.assert_trees_all_equal(model["params"]["speech_encoder"],
                               fusion["params"]["speech_encoder"])
@@ -190,10 +187,10 @@ def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
   assert json.loads(again.read_text()) == metrics
 
   # A rerun reuses the corpus and does not retrain.
-  logs = [(workdir / stage / "metrics.jsonl").read_text() for stage in ("towers", "fusion")]
+  stages = ("towers", "fusion/joint", "fusion/speech")
+  logs = [(workdir / stage / "metrics.jsonl").read_text() for stage in stages]
   second = _run_train(workdir, cache)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.strip().splitlines()[-1] == summary
-  assert [(workdir / stage / "metrics.jsonl").read_text()
-          for stage in ("towers", "fusion")] == logs
+  assert [(workdir / stage / "metrics.jsonl").read_text() for stage in stages] == logs
   assert "reusing" in second.stderr and "nothing to do" in second.stderr

@@ -14,7 +14,7 @@ from clasp_jax.data import features
 from clasp_jax.models import text_tower
 from clasp_jax.models import wav2vec2_checkpoint
 from clasp_jax.trainer import trainer
-from clasp_jax.trainer.checkpointing import Checkpointer
+from tests.helpers import workdirs
 from configs import base
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -26,12 +26,7 @@ def _jsonl(path):
 
 
 def _params(workdir, step="latest"):
-  checkpointer = Checkpointer(str(workdir), every_steps=0, keep=10)
-  try:
-    state, _ = checkpointer.read(step)
-  finally:
-    checkpointer.close()
-  return state["params"]
+  return workdirs.read_state(workdir, step)[0]["params"]
 
 
 @pytest.fixture(scope="module")
