@@ -51,6 +51,9 @@ class Checkpointer:
     """Saves if the interval says so (or `force`); returns whether a save started."""
     if not force and (self.every_steps <= 0 or step % self.every_steps):
       return False
+    # One asynchronous save in flight at a time: the two managers' saves of one step would
+    # otherwise wait in multi-process barriers of the same name (a 2-process run hung there).
+    self._best.wait_until_finished()
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       record=ocp.args.JsonSave(record)), force=True)
@@ -68,6 +71,7 @@ class Checkpointer:
   def save_best(self, step: int, state: Any, record: dict) -> None:
     """Keeps `state`'s parameters and BatchNorm statistics as the best so far."""
     best = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats}
+    self._manager.wait_until_finished()  # One save in flight at a time (see `save`).
     self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(best),
                                                   record=ocp.args.JsonSave(record)), force=True)
 
