@@ -28,6 +28,19 @@ def mean_over_devices(tree):
   return jax.lax.pmean(tree, AXIS)
 
 
+def _step_inputs(state: TrainState, frozen: Any) -> tuple[jax.Array, Any, Any]:
+  """(this step's dropout key on this device, trainable parameters, fixed parameters).
+
+  Dropout differs per step and per device, yet is a pure function of (seed, step); `frozen`
+  (None: nothing frozen) splits the parameters as `optim.split_trainable` does.
+  """
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                   jax.lax.axis_index(AXIS))
+  if frozen is None:
+    return dropout_rng, state.params, {}
+  return (dropout_rng, *optim.split_trainable(state.params, frozen))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, loss_kind: str,
                schedule: optax.Schedule | None = None,
@@ -47,14 +60,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   estimates decay by one step), non-finite gradient elements are zeroed, and every step with
   a non-finite loss or gradient is counted in `nonfinite_steps`.
   """
-  # Dropout differs per step and per device, yet is a pure function of (seed, step).
-  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                   jax.lax.axis_index(AXIS))
-
-  if frozen is None:
-    trainable, fixed = state.params, {}
-  else:
-    trainable, fixed = optim.split_trainable(state.params, frozen)
+  dropout_rng, trainable, fixed = _step_inputs(state, frozen)
 
   def loss_fn(trainable):
     params = optim.merge_params(trainable, fixed) if frozen is not None else trainable
@@ -102,12 +108,7 @@ def accumulated_train_step(state: TrainState, batch: dict[str, jax.Array], *, mo
   The result equals plain back-propagation through that same computation (tested), holding
   every micro-batch's activations at once.
   """
-  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                   jax.lax.axis_index(AXIS))
-  if frozen is None:
-    trainable, fixed = state.params, {}
-  else:
-    trainable, fixed = optim.split_trainable(state.params, frozen)
+  dropout_rng, trainable, fixed = _step_inputs(state, frozen)
   merge = (lambda t: optim.merge_params(t, fixed)) if frozen is not None else (lambda t: t)
   micro_batches = {
       "batch": jax.tree.map(lambda x: x.reshape((accumulation_steps, -1) + x.shape[1:]), batch),
