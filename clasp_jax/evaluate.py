@@ -158,7 +158,10 @@ def _workdir_cascade(reference: dict[str, np.ndarray]
   transcripts, references = trained.transcribe_split(_SPLIT.value)
   cer = inference.character_error_rate(transcripts, [clasp.ctc_text(r) for r in references])
   cascade = dict(reference)
+  # Both sides through the text tower alone (the model's own text side may add its learned
+  # projection, config.model.text_projection, which the cascade has no part in).
   cascade["speech"] = trained.built.text_tower.embed(transcripts)
+  cascade["text"] = trained.built.text_tower.embed(references)
   return cascade, cer
 
 

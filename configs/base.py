@@ -113,6 +113,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # F.normalize). Off by default so workdirs trained on raw features load unchanged; see
   # clasp_jax/models/fusion.py.
   config.model.normalize_inputs = False
+  # Each branch: 'mlp' (the paper's three layers) or 'linear' (one map to the embedding);
+  # `input_norm` standardises each input vector by running statistics, `input_noise` adds
+  # Gaussian noise of that standard deviation while training (clasp_jax/models/fusion.py).
+  config.model.branch = "mlp"
+  config.model.input_norm = False
+  config.model.input_noise = 0.0
+  # A learned square map of the text tower's embedding, starting at the identity, trained with
+  # the speech side (the paper aligns to the text space as it is: off).
+  config.model.text_projection = False
   # Matmul precision on GPU/TPU: 'highest' computes as PyTorch's float32 does (the fusion
   # encoder is small, so it costs little); 'default' rounds inputs to tf32/bf16.
   config.model.precision = "highest"

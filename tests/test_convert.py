@@ -23,6 +23,7 @@ sentence_transformers = pytest.importorskip("sentence_transformers")
 import clasp_jax  # noqa: E402
 from clasp_jax import convert  # noqa: E402
 from clasp_jax.models import speech_tower, wav2vec2  # noqa: E402
+from configs import base  # noqa: E402
 from tests.helpers import torch_fusion, workdirs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -137,6 +138,18 @@ class RunsACommand:
 
   def __reduce__(self):
     return os.system, (f"touch {self.marker}",)
+
+
+def test_a_fusion_encoder_the_pytorch_module_lacks_is_refused_in_one_line(tmp_path, capsys):
+  """Linear branches and standardised inputs (config.model.branch, input_norm) have no
+  counterpart in the authors' module: refused before anything is written."""
+  config = base.get_config("tiny")
+  config.model.update(dict(branch="linear", input_norm=True))
+  workdir = workdirs.write_workdir(config, tmp_path / "wd")
+  assert _run("--to=torch", f"--workdir={workdir}", f"--output={tmp_path / 'torch'}") == 1
+  error = capsys.readouterr().err.strip()
+  assert "linear branches with standardised inputs" in error and "\n" not in error
+  assert not os.path.exists(tmp_path / "torch")
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, capsys):

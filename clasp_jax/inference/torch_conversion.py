@@ -370,6 +370,12 @@ def export_workdir(workdir: str, output: str, *, checkpoint: int | str = "best",
   variables = jax.device_get(trained.variables)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   model = trained.built.model
+  if model.fusion_branch != "mlp" or model.input_norm:
+    raise ConversionError(
+        f"{workdir}: its fusion encoder has {model.fusion_branch} branches"
+        + (" with standardised inputs" if model.input_norm else "")
+        + " (config.model.branch, config.model.input_norm); the PyTorch module has the "
+        "paper's branches only")
   os.makedirs(output, exist_ok=True)
   for stale in (SSL_DIR, TEXT_DIR):
     shutil.rmtree(os.path.join(output, stale), ignore_errors=True)

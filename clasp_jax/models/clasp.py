@@ -40,8 +40,10 @@ from clasp_jax.common.config_args import ConfigError
 from clasp_jax.common.workdir import upgrade_config
 from clasp_jax.models import speech_tower as speech_tower_lib
 from clasp_jax.models import text_tower
+from clasp_jax.models import fusion as fusion_lib
 from clasp_jax.models.fusion import FusionEncoder
-from clasp_jax.models.layers import l2_normalize
+from clasp_jax.models import precision as precision_lib
+from clasp_jax.models.layers import IdentityInitLinear, l2_normalize
 
 SPEECH_KINDS = ("features", "audio")
 TEXT_KINDS = ("precomputed", "encoder")
@@ -82,6 +84,11 @@ class ClaspModel(nn.Module):
   speech_branch_hidden: tuple[int, ...] = ()
   spectrogram_branch_hidden: tuple[int, ...] = ()
   normalize_inputs: bool = False
+  fusion_branch: str = "mlp"
+  input_norm: bool = False
+  input_noise: float = 0.0
+  # A learned square map of the text embedding, starting at the identity ('text_projection').
+  project_text: bool = False
   # Activation dtype of the speech and text towers; their parameters stay float32, and the
   # fusion encoder, its BatchNorm and the loss compute in float32.
   dtype: Any = jnp.float32
@@ -111,7 +118,8 @@ class ClaspModel(nn.Module):
         fusion_hidden=self.fusion_hidden, axis_name=self.axis_name, precision=self.precision,
         speech_branch_hidden=self.speech_branch_hidden,
         spectrogram_branch_hidden=self.spectrogram_branch_hidden,
-        normalize_inputs=self.normalize_inputs)
+        normalize_inputs=self.normalize_inputs, branch=self.fusion_branch,
+        input_norm=self.input_norm, input_noise=self.input_noise)
     if self.speech_kind == "audio":
       self.audio_tower = speech_tower_lib.AudioSpeechTower(
           self.speech_tower or speech_tower_lib.Settings(), mode=self.mode,
@@ -119,6 +127,8 @@ class ClaspModel(nn.Module):
       # The tower's encoders become top-level parameters ('ssl_encoder', ...), beside
       # 'speech_encoder': one name per pretrained tower for loading and freezing.
       nn.share_scope(self, self.audio_tower)
+    if self.project_text:
+      self.text_projection = IdentityInitLinear()
     if self.learn_scale:
       self.logit_scale = self.param("logit_scale",
                                     nn.initializers.constant(math.log(self.scale_init)), ())
@@ -147,11 +157,16 @@ class ClaspModel(nn.Module):
   def _text_embedding(self, batch: Mapping[str, jax.Array], train: bool) -> jax.Array:
     if self.resolved_text_kind == "precomputed":
       _require(batch, ("text",), "precomputed text embeddings")
-      return batch["text"].astype(jnp.float32)
-    _require(batch, ("input_ids", "attention_mask"), "the text encoder's tokens")
-    return self.text_encoder(batch["input_ids"], batch["attention_mask"],
-                             deterministic=not (train and self.text_dropout)
-                             ).astype(jnp.float32)
+      embedding = batch["text"].astype(jnp.float32)
+    else:
+      _require(batch, ("input_ids", "attention_mask"), "the text encoder's tokens")
+      embedding = self.text_encoder(batch["input_ids"], batch["attention_mask"],
+                                    deterministic=not (train and self.text_dropout)
+                                    ).astype(jnp.float32)
+    if self.project_text:
+      with precision_lib.scope(self.precision):
+        embedding = self.text_projection(embedding)
+    return embedding
 
   def embed_speech(self, batch: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
     """L2-normalised speech embeddings (batch, embed_dim) from the speech side of `batch`."""
@@ -248,6 +263,13 @@ def model_from_config(model_config: ml_collections.ConfigDict,
     raise ConfigError(f"config.model.speech.kind must be one of {SPEECH_KINDS}, "
                       f"got {speech_kind!r}")
   settings = speech_tower_lib.settings_from_config(speech) if speech_kind == "audio" else None
+  fusion_branch = str(model_config.get("branch", "mlp"))
+  if fusion_branch not in fusion_lib.BRANCHES:
+    raise ConfigError(f"config.model.branch must be one of {fusion_lib.BRANCHES}, "
+                      f"got {fusion_branch!r}")
+  input_noise = float(model_config.get("input_noise", 0.0))
+  if not input_noise >= 0:
+    raise ConfigError(f"config.model.input_noise must be at least 0, got {input_noise}")
   text_kind, text_module = _text_kind_and_encoder(model_config, precision, text_encoder)
   return ClaspModel(
       fusion=model_config.fusion,
@@ -262,6 +284,10 @@ def model_from_config(model_config: ml_collections.ConfigDict,
       speech_branch_hidden=tuple(model_config.get("speech_branch_hidden", ())),
       spectrogram_branch_hidden=tuple(model_config.get("spectrogram_branch_hidden", ())),
       normalize_inputs=bool(model_config.get("normalize_inputs", False)),
+      fusion_branch=fusion_branch,
+      input_norm=bool(model_config.get("input_norm", False)),
+      input_noise=input_noise,
+      project_text=bool(model_config.get("text_projection", False)),
       learn_scale=loss_config.learn_scale,
       scale_init=loss_config.scale_init,
       max_scale=loss_config.max_scale,

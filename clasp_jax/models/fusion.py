@@ -24,6 +24,7 @@ from clasp_jax.models.layers import BatchNorm, Linear, leaky_relu
 
 FUSIONS = ("concat", "gated")
 MODES = ("joint", "speech", "spectrogram")
+BRANCHES = ("mlp", "linear")
 
 
 class Branch(nn.Module):
@@ -45,6 +46,36 @@ class Branch(nn.Module):
     x = leaky_relu(x)
     x = nn.Dropout(self.dropout[1], deterministic=not train)(x)
     return Linear(self.out_dim, name="linear_2")(x)
+
+
+class LinearBranch(nn.Module):
+  """One linear map of the input vector to the embedding."""
+
+  out_dim: int = 768
+
+  @nn.compact
+  def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
+    del train
+    return Linear(self.out_dim, name="linear")(features)
+
+
+class NoisyStandardisation(nn.Module):
+  """Optionally standardises a vector by running statistics, then, while training, adds
+  Gaussian noise of standard deviation `noise` (from the 'dropout' random stream)."""
+
+  standardise: bool = False
+  noise: float = 0.0
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
+    if self.standardise:
+      features = BatchNorm(axis_name=self.axis_name, affine=False, name="norm")(
+          features, train=train)
+    if train and self.noise > 0:
+      features = features + self.noise * jax.random.normal(
+          self.make_rng("dropout"), features.shape, features.dtype)
+    return features
 
 
 class ConcatFusion(nn.Module):
@@ -104,6 +135,8 @@ class FusionEncoder(nn.Module):
   `branch_hidden` gives both branches' hidden widths; `speech_branch_hidden` /
   `spectrogram_branch_hidden` override it per branch (empty: `branch_hidden`).
   `normalize_inputs` L2-normalises both input vectors first (see the module docstring).
+  `branch` ('mlp': the paper's; 'linear'), `input_norm` and `input_noise`: see the module
+  docstring.
   `precision` names the matmul precision (`clasp_jax.models.precision`): "highest" computes
   as PyTorch's float32 does on every backend.
   """
@@ -119,23 +152,38 @@ class FusionEncoder(nn.Module):
   speech_branch_hidden: Sequence[int] = ()
   spectrogram_branch_hidden: Sequence[int] = ()
   normalize_inputs: bool = False
+  branch: str = "mlp"
+  input_norm: bool = False
+  input_noise: float = 0.0
 
   def setup(self):
     if self.fusion not in FUSIONS:
       raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.branch not in BRANCHES:
+      raise ValueError(f"branch must be one of {BRANCHES}, got {self.branch!r}")
+    if not self.input_noise >= 0:
+      raise ValueError(f"input_noise must be at least 0, got {self.input_noise}")
     widths = {"speech": tuple(self.speech_branch_hidden or self.branch_hidden),
               "spectrogram": tuple(self.spectrogram_branch_hidden or self.branch_hidden)}
     for name, hidden in widths.items():
       if len(hidden) != 2 or min(hidden) < 1:
         raise ValueError(f"the {name} branch needs two positive hidden widths, got {hidden}")
-    branch = dict(out_dim=self.embed_dim, dropout=tuple(self.branch_dropout),
-                  axis_name=self.axis_name)
+    def make_branch(name):
+      if self.branch == "linear":
+        return LinearBranch(out_dim=self.embed_dim)
+      return Branch(hidden=widths[name], out_dim=self.embed_dim,
+                    dropout=tuple(self.branch_dropout), axis_name=self.axis_name)
+    def make_input(name):
+      return NoisyStandardisation(standardise=self.input_norm, noise=self.input_noise,
+                                  axis_name=self.axis_name)
     if self.mode in ("joint", "speech"):
-      self.speech_branch = Branch(hidden=widths["speech"], **branch)
+      self.speech_branch = make_branch("speech")
+      self.speech_input = make_input("speech")
     if self.mode in ("joint", "spectrogram"):
-      self.spectrogram_branch = Branch(hidden=widths["spectrogram"], **branch)
+      self.spectrogram_branch = make_branch("spectrogram")
+      self.spectrogram_input = make_input("spectrogram")
     if self.mode == "joint":
       if self.fusion == "concat":
         self.mix = ConcatFusion(hidden=tuple(self.fusion_hidden), out_dim=self.embed_dim,
@@ -149,6 +197,10 @@ class FusionEncoder(nn.Module):
       if self.normalize_inputs:
         speech = None if speech is None else l2_normalize_inputs(speech)
         spectrogram = None if spectrogram is None else l2_normalize_inputs(spectrogram)
+      if self.mode in ("joint", "speech"):
+        speech = self.speech_input(speech, train=train)
+      if self.mode in ("joint", "spectrogram"):
+        spectrogram = self.spectrogram_input(spectrogram, train=train)
       if self.mode == "speech":
         return self.speech_branch(speech, train=train)
       if self.mode == "spectrogram":

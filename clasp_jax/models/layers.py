@@ -32,24 +32,39 @@ class Linear(nn.Module):
     return inputs @ kernel + bias  # (n, in) @ (in, out) -> (n, out)
 
 
+class IdentityInitLinear(nn.Module):
+  """A square linear map without bias that starts as the identity: a learned turn of an
+  embedding space that, untrained, leaves it as it was."""
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    width = inputs.shape[-1]
+    kernel = self.param("kernel", lambda key, shape: jnp.eye(shape[0], dtype=jnp.float32),
+                        (width, width))
+    return inputs @ kernel
+
+
 class BatchNorm(nn.Module):
   """BatchNorm1d as PyTorch defines it, synchronised across `axis_name` when given.
 
   Training normalises with the biased batch variance and moves the running variance towards
   the unbiased one; `momentum` is PyTorch's (weight of the new batch), not Flax's. With
   `axis_name`, statistics are those of the global batch, so every device keeps identical
-  running statistics.
+  running statistics. `affine=False` leaves out the learned scale and bias: the output is the
+  standardised input.
   """
 
   momentum: float = 0.1
   epsilon: float = 1e-5
   axis_name: str | None = None
+  affine: bool = True
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
     features = inputs.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,))
-    bias = self.param("bias", nn.initializers.zeros, (features,))
+    if self.affine:
+      scale = self.param("scale", nn.initializers.ones, (features,))
+      bias = self.param("bias", nn.initializers.zeros, (features,))
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     if train:
@@ -69,7 +84,8 @@ class BatchNorm(nn.Module):
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased_var
     else:
       mean, var = running_mean.value, running_var.value
-    return (inputs - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    standardised = (inputs - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return standardised * scale + bias if self.affine else standardised
 
 
 def leaky_relu(inputs: jax.Array) -> jax.Array:
