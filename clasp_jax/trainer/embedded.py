@@ -16,7 +16,9 @@ the config names a corpus to make (`config.data.corpus`, configs/base.py:embedde
      paper's pipeline precomputed HuBERT and spectrogram features;
   5. fusion (`W/fusion/`): the fusion encoder trained afresh on those fixed vectors, as the
      paper trained it: thousands of large-batch steps in a minute where each end-to-end step
-     costs a second, early-stopped on validation HITS@1. While the towers still learn, the
+     costs a second, early-stopped on validation HITS@1; with the fields of
+     `config.fusion_stage.model` (the default: linear branches over standardised, noised
+     inputs and a learned map of the text space, which few training sentences need). While the towers still learn, the
      fusion encoder chases moving inputs: trained end to end alone, the same towers' model
      retrieved a tenth as often;
   6. W itself: the towers' parameters with the fusion encoder's best, one audio-mode model
@@ -211,7 +213,7 @@ def write_features(towers_dir: str, features_dir: str) -> None:
 
 def assembled_config(config: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
   """The config of W's model: the towers' config with the fusion encoder's fields as the
-  fusion stage trained it (`config.fusion_stage.model`: widths, dropout; its branches,
+  fusion stage trained it (`config.fusion_stage.model`: branches, inputs, text projection;
   `mode`)."""
   assembled = ml_collections.ConfigDict(config.to_dict())
   assembled.model.mode = mode
@@ -276,7 +278,8 @@ def assemble(config: ml_collections.ConfigDict, towers_dir: str, fusion_dir: str
       checkpointer.close()
   (towers, towers_record), (fusion, fusion_record) = states["towers"], states["fusion"]
   params, batch_stats = dict(towers["params"]), dict(towers.get("batch_stats", {}))
-  params.update(fusion["params"])  # speech_encoder (the fusion encoder), logit_scale
+  # speech_encoder (the fusion encoder), logit_scale, text_projection when it has one.
+  params.update(fusion["params"])
   if mode == "speech":  # The fusion encoder reads the SSL vector alone: no spectrogram CNN.
     params.pop("spectrogram_encoder", None)
     batch_stats.pop("spectrogram_encoder", None)

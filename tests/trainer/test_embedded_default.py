@@ -152,13 +152,22 @@ def test_the_default_run_end_to_end_at_tiny_size(tmp_path):
   assert json.loads((workdir / "config.json").read_text())["model"]["mode"] == mode
   tower_names = {"joint": {"ssl_encoder", "spectrogram_encoder", "ctc_head"},
                  "speech": {"ssl_encoder", "ctc_head"}}[mode]
-  assert set(model["params"]) == tower_names | {"speech_encoder", "logit_scale"}
+  # The fusion stage also learns a map of the text space (config.model.text_projection).
+  assert set(model["params"]) == tower_names | {"speech_encoder", "logit_scale", "text_projection"}
+  assert "text_projection" not in towers["params"]
+  chex.assert_trees_all_equal(model["params"]["text_projection"],
+                              fusion["params"]["text_projection"])
+  kernel = model["params"]["text_projection"]["kernel"]
+  assert kernel.shape == (384, 384) and not np.allclose(kernel, np.eye(384))
   for name in tower_names:
     chex.assert_trees_all_equal(model["params"][name], towers["params"][name])
   chex.assert_trees_all_equal(model["params"]["speech_encoder"],
                               fusion["params"]["speech_encoder"])
-  assert not np.allclose(fusion["params"]["speech_encoder"]["speech_branch"]["linear_0"]["kernel"],
-                         towers["params"]["speech_encoder"]["speech_branch"]["linear_0"]["kernel"])
+  # Its own fusion encoder (one linear map per branch, config.fusion_stage.model), not the
+  # towers' (the paper's branches).
+  assert set(fusion["params"]["speech_encoder"]["speech_branch"]) == {"linear"}
+  assert set(towers["params"]["speech_encoder"]["speech_branch"]) == {
+      "linear_0", "norm_0", "linear_1", "norm_1", "linear_2"}
   trained = inference.load_trained(str(workdir / "towers"), checkpoint="latest")
   test_features = features.read_feature_split(str(workdir / "features" / "test"))
   assert test_features.num_examples == metrics["speech_to_text/num_queries"]
