@@ -8,8 +8,10 @@ encoder; the splits are extracted once per module and shared.
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,6 +167,46 @@ def test_killed_run_resumes_to_the_uninterrupted_result(features_dir, dataset, h
   assert sorted(os.listdir(tmp_path / "validation")) == names
   _, differing, unreadable = filecmp.cmpfiles(features_dir / "validation",
                                               tmp_path / "validation", names, shallow=False)
+  assert (differing, unreadable) == ([], [])
+
+
+def test_a_sigkilled_command_resumes_to_the_uninterrupted_result(dataset, hubert,
+                                                                labse_like_dir, tmp_path):
+  """The command itself killed with SIGKILL after two of its chunks were saved: the rerun keeps
+  those, computes the rest, and writes what an uninterrupted run writes, byte for byte."""
+  flags = [f"--data={dataset}", "--split=validation", f"--speech_encoder={hubert[1]}",
+           f"--text_encoder={labse_like_dir}", "--batch_size=8", "--chunk_size=1"]
+  killed = tmp_path / "killed"
+  command = [sys.executable, "-m", "clasp_jax.extract", *flags, f"--output={killed}"]
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  partial = killed / ".validation.partial"
+  with open(tmp_path / "killed.log", "w") as log:
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+    try:
+      deadline = time.monotonic() + 300
+      while not (partial / "chunk-000001.npz").exists():
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no second chunk within 300 s"
+        time.sleep(0.01)
+    finally:
+      process.kill()
+      process.wait()
+  done = [name for name in os.listdir(partial) if re.fullmatch(r"chunk-\d+\.npz", name)]
+  assert 2 <= len(done) < VALIDATION, done
+  assert not (killed / "validation").exists()
+
+  resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming: {len(done)} of the {VALIDATION} chunks" in resumed.stderr
+  assert not partial.exists()
+
+  reference = tmp_path / "reference"
+  assert extract.run(["extract", *flags, f"--output={reference}"]) == 0
+  names = sorted(os.listdir(reference / "validation"))
+  assert sorted(os.listdir(killed / "validation")) == names
+  _, differing, unreadable = filecmp.cmpfiles(reference / "validation", killed / "validation",
+                                              names, shallow=False)
   assert (differing, unreadable) == ([], [])
 
 
