@@ -153,7 +153,8 @@ def test_query_returns_what_evaluate_ranks_first(archive, test_clips, workdir, b
     order = np.argsort(-scores[number], kind="stable")[:4]
     found = [os.path.basename(hit["path"]) for hit in answer["results"]]
     for place in range(3):  # ...wherever its scores are not within rounding of each other.
-      if scores[number, order[place]] - scores[number, order[place + 1]] < 1e-3:
+      # Scores are checked to 1e-4 below, so a gap over 2e-4 fixes the order.
+      if scores[number, order[place]] - scores[number, order[place + 1]] < 3e-4:
         break
       assert found[place] == names[order[place]], (number, place)
       compared += 1
