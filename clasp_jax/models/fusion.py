@@ -175,15 +175,15 @@ class FusionEncoder(nn.Module):
         return LinearBranch(out_dim=self.embed_dim)
       return Branch(hidden=widths[name], out_dim=self.embed_dim,
                     dropout=tuple(self.branch_dropout), axis_name=self.axis_name)
-    def make_input(name):
+    def make_input():
       return NoisyStandardisation(standardise=self.input_norm, noise=self.input_noise,
                                   axis_name=self.axis_name)
     if self.mode in ("joint", "speech"):
       self.speech_branch = make_branch("speech")
-      self.speech_input = make_input("speech")
+      self.speech_input = make_input()
     if self.mode in ("joint", "spectrogram"):
       self.spectrogram_branch = make_branch("spectrogram")
-      self.spectrogram_input = make_input("spectrogram")
+      self.spectrogram_input = make_input()
     if self.mode == "joint":
       if self.fusion == "concat":
         self.mix = ConcatFusion(hidden=tuple(self.fusion_hidden), out_dim=self.embed_dim,

@@ -18,9 +18,9 @@ the config names a corpus to make (`config.data.corpus`, configs/base.py:embedde
      paper trained it: thousands of large-batch steps in a minute where each end-to-end step
      costs a second, early-stopped on validation HITS@1; with the fields of
      `config.fusion_stage.model` (the default: linear branches over standardised, noised
-     inputs and a learned map of the text space, which few training sentences need). While the towers still learn, the
-     fusion encoder chases moving inputs: trained end to end alone, the same towers' model
-     retrieved a tenth as often;
+     inputs and a learned map of the text space, which few training sentences need). While
+     the towers still learn, the fusion encoder chases moving inputs: trained end to end
+     alone, the same towers' model retrieved a tenth as often;
   6. W itself: the towers' parameters with the fusion encoder's best, one audio-mode model
      (its `best` checkpoint), scored on the test split through `clasp_jax.evaluate` itself,
      so W/test_metrics.json is what `python -m clasp_jax.evaluate --workdir=W --split=test`
