@@ -177,6 +177,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[ml_collect
 
 
 STAGES = ("towers", "features", "fusion")
+SPLITS = ("train", "validation", "test")
+# The fusion stage's choices: the final model keeps its SSL encoder (and CTC head).
+FUSION_MODES = ("joint", "speech")
 
 
 def best_score(workdir: str, metric: str) -> float:
@@ -188,7 +191,15 @@ def best_score(workdir: str, metric: str) -> float:
   finally:
     checkpointer.close()
   return float(record["last_eval"][metric])
-SPLITS = ("train", "validation", "test")
+
+
+def check_fusion_stage(config: ml_collections.ConfigDict) -> None:
+  """Refuses a `config.fusion_stage` the fusion stage could not use, before any training."""
+  modes = tuple(config.fusion_stage.modes)
+  if not modes or not set(modes) <= set(FUSION_MODES):
+    raise ConfigError(f"config.fusion_stage.modes: choose among {FUSION_MODES} (the model "
+                      f"keeps its SSL encoder and CTC head), got {modes}")
+  assembled_config(config, modes[0])  # Refuses fields config.model does not have.
 
 
 def write_features(towers_dir: str, features_dir: str) -> None:
@@ -385,6 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """The embedded default in `workdir`; returns the test metrics (see the module docstring)."""
   from clasp_jax import evaluate  # The CLI's own code writes test_metrics.json.
   from clasp_jax.trainer import trainer
+  check_fusion_stage(config)
   os.makedirs(workdir, exist_ok=True)
   use_compilation_cache()
   timings_path = os.path.join(workdir, "timings.json")
@@ -409,17 +421,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if not os.path.exists(metrics_path):
     timed("towers", trainer.train_and_evaluate, config, towers_dir)
     timed("features", write_features, towers_dir, features_dir)
+    # The branches the fusion encoder reads are chosen on validation, as the paper's ablation.
     scores = {}
-    if not set(config.fusion_stage.modes) <= {"joint", "speech"} or not config.fusion_stage.modes:
-      raise ConfigError("config.fusion_stage.modes: choose among 'joint' and 'speech' (the "
-                        "model keeps its SSL encoder and CTC head), got "
-                        f"{config.fusion_stage.modes}")
     for mode in config.fusion_stage.modes:
       folder = os.path.join(fusion_dir, mode)
       timed(f"fusion_{mode}", trainer.train_and_evaluate,
             fusion_config(config, features_dir, mode), folder)
       scores[mode] = best_score(folder, config.early_stopping.metric)
-      # The branches the fusion encoder reads are chosen on validation, as the paper's ablation.
     pick = max if config.early_stopping.mode == "max" else min
     mode = pick(scores, key=scores.get)
     step = assemble(config, towers_dir, os.path.join(fusion_dir, mode), mode, workdir)

@@ -12,6 +12,7 @@ import chex
 import numpy as np
 import pytest
 
+from clasp_jax.common.config_args import ConfigError
 from clasp_jax.data import audio_io
 from clasp_jax.data import features
 from clasp_jax.inference import workdir as inference
@@ -36,6 +37,21 @@ def test_default_config_trains_from_audio_against_frozen_minilm():
   for other in ("tiny", "synthetic", "paper", "features=/f", "speech=audio"):
     assert not embedded.wants_corpus(base.get_config(other)), other
   assert base.get_config("synthetic").data.kind == "synthetic_features"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("modes", ("spectrogram",), "config.fusion_stage.modes: choose among"),
+    ("modes", (), "config.fusion_stage.modes: choose among"),
+    ("model", {"branch_width": 3}, "config.fusion_stage.model.branch_width: not a field"),
+])
+def test_a_fusion_stage_it_cannot_use_is_refused_before_anything_runs(tmp_path, field, value,
+                                                                      message):
+  config = base.get_config()
+  config.fusion_stage[field] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=message):
+    embedded.run(config, str(workdir))
+  assert not workdir.exists()  # Refused before the corpus, the towers or the workdir.
 
 
 def test_ctc_labels_spell_sentences_in_the_vocabulary():
