@@ -159,9 +159,13 @@ def _workdir_cascade(reference: dict[str, np.ndarray]
   cer = inference.character_error_rate(transcripts, [clasp.ctc_text(r) for r in references])
   cascade = dict(reference)
   # Both sides through the text tower alone (the model's own text side may add its learned
-  # projection, config.model.text_projection, which the cascade has no part in).
+  # projection, config.model.text_projection, which the cascade has no part in); the
+  # references from the model's table of sentence vectors when it keeps one.
+  sentences = trained.built.text_encoder
+  if not isinstance(sentences, clasp.PrecomputedText):
+    sentences = clasp.PrecomputedText(trained.built.text_tower)
   cascade["speech"] = trained.built.text_tower.embed(transcripts)
-  cascade["text"] = trained.built.text_tower.embed(references)
+  cascade["text"] = sentences(references)["text"]
   return cascade, cer
 
 
